@@ -1,0 +1,298 @@
+"""The contract every PEFT method satisfies, and the registry that names them.
+
+A method is three small pieces, as in Hugging Face PEFT:
+
+* a typed config (``MethodConfig`` subclass, pydantic): the hyper-parameters, with defaults from the paper;
+* an adapted layer (``AdaptedLinear`` subclass): the maths, wrapping one frozen ``nn.Linear``;
+* the method (``Method`` subclass): which layers to wrap, and anything model-wide (shared experts,
+  schedules).
+
+Everything outside ``engine/methods`` (the training loop, export, analyses, UI) talks to methods only through
+this contract, so adding a method never adds a branch elsewhere:
+
+* ``Method.apply(model)`` freezes the backbone, injects the adapters and unfreezes the task head;
+* ``Method.adapted_layers(model)`` lists the adapted layers; each has ``delta_weight()`` (or ``None``),
+  ``merged()`` and ``adapter_parameters()``;
+* ``Method.adapter_state_dict`` / ``load_adapter_state_dict`` select tensors by the method's ``prefix``;
+* ``Method.merge(model)`` folds ΔW into dense weights (mergeable methods only);
+* ``Method.adapter_param_count(model)`` is the closed-form count from METHODS.md, tested against reality;
+* training hooks (``on_train_start``, ``on_step_end``, ``extra_loss``) and ``artifacts()`` let schedules
+  (Pear's pruning, HEAT's calibration) and analyses run inside the one training loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import nn
+
+if TYPE_CHECKING:
+    from engine.models import AdaptableLayer, TaskModel
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config. Unknown keys are errors (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TargetedConfig(MethodConfig):
+    """Config of a method that adapts some roles of linear layers."""
+
+    target_roles: list[str] = Field(["q", "v"], description="layer roles to adapt: q, k, v, o, fc1, fc2")
+    blocks: list[int] | None = Field(None, description="transformer blocks to adapt (None: all)")
+
+    @field_validator("target_roles")
+    @classmethod
+    def _roles_known(cls, v: list[str]) -> list[str]:
+        from engine.models import ROLES
+
+        bad = [r for r in v if r not in ROLES]
+        if bad or not v:
+            raise ValueError(f"unknown role(s) {bad}; choose from {', '.join(ROLES)}")
+        return v
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen ``nn.Linear`` (``self.base``) plus an adaptation. Subclasses define the maths.
+
+    ``linear_in_x`` is True when the adapted layer computes ``(W0 + ΔW) x + b0 (+ Δb)`` for a ΔW that
+    does not depend on x; the contract test then checks ``delta_weight()`` against the forward.
+    """
+
+    linear_in_x: bool = True
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor | None:
+        """ΔW with ``W0 + ΔW`` the effective dense weight, or None when the method has no ΔW."""
+        return None
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None
+
+    def effective_base_weight(self) -> torch.Tensor:
+        """The weight ΔW is added to (PiSSA/CorDA keep a residual here, not the pretrained W0)."""
+        return self.base.weight
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the same function (mergeable methods only)."""
+        dw = self.delta_weight()
+        if dw is None:
+            raise TypeError(f"{type(self).__name__} has no dense ΔW and cannot be merged")
+        out = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None or self.delta_bias() is not None)
+        out = out.to(device=self.base.weight.device, dtype=self.base.weight.dtype)
+        out.weight.copy_(self.base.weight + dw.to(self.base.weight.dtype))
+        if out.bias is not None:
+            bias = self.base.bias.clone() if self.base.bias is not None else torch.zeros_like(out.bias)
+            db = self.delta_bias()
+            out.bias.copy_(bias + (db if db is not None else 0))
+        out.requires_grad_(False)
+        return out
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("base.")]
+
+
+@dataclass
+class TrainContext:
+    """What the training loop hands to a method's hooks."""
+
+    model: TaskModel
+    step: int
+    total_steps: int
+    loss_fn: Any  # callable(batch) -> loss, for hooks that need gradients (importance scores)
+    batches: Any  # callable() -> iterator of training batches (calibration)
+    log: Any = None  # callable(str)
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base of every method. Subclasses set the class attributes and ``make_layer`` (or override ``inject``)."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    prefix: ClassVar[str]  # marks the method's tensors in the state dict (e.g. "lora_")
+    mergeable: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    # Small settings for the shared contract test on tiny models (tests/test_methods_contract.py).
+    test_params: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.config_cls()
+
+    # -- injection -------------------------------------------------------------------------------
+    def target_layers(self, model: TaskModel) -> list[AdaptableLayer]:
+        cfg = self.config
+        roles = getattr(cfg, "target_roles", None)
+        blocks = getattr(cfg, "blocks", None)
+        layers = model.adaptable_layers(roles)
+        if blocks is not None:
+            layers = [l for l in layers if l.block in blocks]
+        if roles is not None and not layers:
+            raise ValueError(f"method.target_roles {roles}: no such layers in model {model.info.name}")
+        return layers
+
+    def make_layer(self, base: nn.Linear, layer: AdaptableLayer, model: TaskModel) -> AdaptedLinear:
+        raise NotImplementedError(f"{type(self).__name__} must define make_layer or inject")
+
+    def inject(self, model: TaskModel) -> None:
+        for layer in self.target_layers(model):
+            model.set_submodule(layer.name, self.make_layer(layer.module, layer, model))
+
+    def apply(self, model: TaskModel) -> TaskModel:
+        """Freeze the backbone, inject this method, keep the task head trainable."""
+        model.requires_grad_(False)
+        self.inject(model)
+        head = set(model.head_parameter_names())
+        for name, p in model.named_parameters():
+            if self.is_adapter_key(name) or name in head:
+                p.requires_grad_(True)
+        return model
+
+    def is_adapter_key(self, key: str) -> bool:
+        return any(part.startswith(self.prefix) for part in key.split("."))
+
+    # -- inspection ------------------------------------------------------------------------------
+    @staticmethod
+    def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+        return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+    def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, layer in self.adapted_layers(model).items():
+            dw = layer.delta_weight()
+            if dw is not None:
+                out[name] = dw.detach()
+        return out
+
+    def adapter_param_count(self, model: TaskModel) -> int:
+        """Closed-form parameter count (METHODS.md), excluding the task head. Tested against reality."""
+        raise NotImplementedError
+
+    def artifacts(self, model: TaskModel) -> dict[str, Any]:
+        """JSON-able analysis data the method wants stored with the run (scores, router loads, ...)."""
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able structural state needed to rebuild the adapted model (e.g. a pruning map)."""
+        return {}
+
+    def load_state(self, model: TaskModel, state: dict[str, Any]) -> None:
+        """Re-apply structural state from ``state()`` to a freshly ``apply``-ed model."""
+
+    # -- training hooks --------------------------------------------------------------------------
+    def on_train_start(self, ctx: TrainContext) -> bool:
+        """Called once before the first step; return True if the set of trainable parameters changed."""
+        return False
+
+    def on_step_end(self, ctx: TrainContext) -> bool:
+        """Called after every optimizer step; return True if the set of trainable parameters changed."""
+        return False
+
+    def extra_loss(self, model: TaskModel) -> torch.Tensor | None:
+        """An auxiliary loss added to the task loss (e.g. MoLA's load balancing), or None."""
+        return None
+
+    # -- state dict ------------------------------------------------------------------------------
+    def adapter_state_dict(self, model: TaskModel) -> dict[str, torch.Tensor]:
+        """The method's tensors and the task head, each shared tensor once (safetensors refuses aliases)."""
+        head = set(model.head_parameter_names())
+        out, seen = {}, set()
+        for key, tensor in model.state_dict(keep_vars=False).items():
+            if not (self.is_adapter_key(key) or key in head):
+                continue
+            ptr = (tensor.data_ptr(), tensor.shape)
+            if ptr in seen:
+                continue
+            seen.add(ptr)
+            out[key] = tensor.detach().contiguous().clone()
+        return out
+
+    def load_adapter_state_dict(self, model: TaskModel, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.adapter_state_dict(model))
+        missing, unexpected = expected - set(state), set(state) - set(model.state_dict())
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter does not fit model {model.info.name} with method {self.name}: "
+                f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
+        current = model.state_dict()
+        for key, tensor in state.items():
+            if current[key].shape != tensor.shape:
+                raise ValueError(
+                    f"adapter tensor {key} has shape {tuple(tensor.shape)}, model {model.info.name} "
+                    f"expects {tuple(current[key].shape)}"
+                )
+        model.load_state_dict(state, strict=False)
+
+    # -- merging ---------------------------------------------------------------------------------
+    def merge(self, model: TaskModel) -> TaskModel:
+        """Replace each adapted layer by a dense ``nn.Linear`` with ΔW folded in (in place)."""
+        if not self.mergeable:
+            raise TypeError(f"method {self.name} is not mergeable")
+        for name, layer in self.adapted_layers(model).items():
+            model.set_submodule(name, layer.merged())
+        return model
+
+
+# --- registry ------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a method by its ``name``; names and prefixes must be unique."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is already registered")
+    for other in _REGISTRY.values():
+        if cls.prefix and other.prefix == cls.prefix:
+            raise ValueError(f"method {cls.name!r} reuses the parameter prefix {cls.prefix!r} of {other.name!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"method.name {name!r} is not a registered method; choose from {', '.join(_REGISTRY)}") from None
+
+
+def method_config(name: str, params: dict[str, Any] | None) -> MethodConfig:
+    cls = get_method(name)
+    try:
+        return cls.config_cls.model_validate(params or {})
+    except ValidationError as err:
+        parts = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            parts.append(f"method.{loc}: {e['msg'].removeprefix('Value error, ')}")
+        raise ValueError(f"{name}: " + "; ".join(parts)) from None
+
+
+def build_method(name: str, params: dict[str, Any] | None = None) -> Method:
+    return get_method(name)(method_config(name, params))

@@ -1,0 +1,324 @@
+"""The one training loop: setup, step, evaluate, checkpoint, report. It reads top to bottom.
+
+Methods plug in through the registry and their hooks (``on_train_start``, ``on_step_end``, ``extra_loss``);
+there is no method-specific branch here. Progress and metrics go through a small ``Reporter``: the Ray
+worker passes one that writes to the database, tests pass ``MemoryReporter``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from engine.data import DataBundle, iterate_batches, load_data, read_raw
+from engine.methods import Method, TrainContext, build_method
+from engine.models import TaskModel, count_parameters, load_model
+from engine.spec import RunSpec
+
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class Reporter(Protocol):
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+    def set_progress(self, progress: float) -> None: ...
+    def should_stop(self) -> bool: ...
+    def log(self, message: str) -> None: ...
+
+
+@dataclass
+class MemoryReporter:
+    """Keeps everything in lists; for tests and the in-process CLI."""
+
+    metrics: list[tuple[int, str, float]] = field(default_factory=list)
+    progress: float = 0.0
+    messages: list[str] = field(default_factory=list)
+    stop_after_step: int | None = None
+    echo: bool = False
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.extend((step, k, float(v)) for k, v in metrics.items())
+
+    def set_progress(self, progress: float) -> None:
+        self.progress = progress
+
+    def should_stop(self) -> bool:
+        last = max((s for s, _, _ in self.metrics), default=0)
+        return self.stop_after_step is not None and last >= self.stop_after_step
+
+    def log(self, message: str) -> None:
+        self.messages.append(message)
+        if self.echo:
+            print(message, flush=True)
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        return [(s, v) for s, k, v in self.metrics if k == key]
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class TrainResult:
+    status: str  # succeeded | cancelled
+    final_metrics: dict[str, float]
+    trainable_params: int
+    total_params: int
+    adapter_params: int
+    device: str
+    steps: int
+    timings: dict[str, float]
+    artifacts: dict[str, str]  # kind -> path
+    majority_rate: float
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("artifacts")
+        return d
+
+
+@dataclass
+class Prepared:
+    """Everything built before the first step; also what export, analyses and benchmarks reuse."""
+
+    spec: RunSpec
+    model: TaskModel
+    method: Method
+    data: DataBundle
+    device: torch.device
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is 'cuda' but no CUDA device is visible: use 'auto' or 'cpu'")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def prepare(spec: RunSpec) -> Prepared:
+    """Seed, load data and model, apply the method, move to the device."""
+    torch.manual_seed(spec.train.seed)
+    if spec.train.num_threads:
+        torch.set_num_threads(spec.train.num_threads)
+    raw = read_raw(spec.dataset)
+    model = load_model(
+        spec.model, len(raw.label_names), options=spec.model_options, trust_remote_code=spec.trust_remote_code
+    )
+    if model.info.modality != raw.modality:
+        raise ValueError(
+            f"model {spec.model!r} is a {model.info.modality} model but dataset {spec.dataset.name!r} is "
+            f"{raw.modality}: pick a matching pair (e.g. minilm-l6 with tweets-sentiment, tiny-vit with digits)"
+        )
+    data = load_data(spec.dataset, model.tokenizer, raw)
+    torch.manual_seed(spec.train.seed)  # adapter init depends on the seed only, not on loading order
+    method = build_method(spec.method.name, spec.method.params)
+    method.apply(model)
+    device = pick_device(spec.train.device)
+    return Prepared(spec, model.to(device), method, data, device)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up to 1, then linear or cosine decay to 0 (or constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(batch)
+    return nn.functional.cross_entropy(logits.float(), batch["labels"]), logits
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split, batch_size: int, device: torch.device) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for batch in iterate_batches(split, batch_size, shuffle=False):
+        batch = to_device(batch, device)
+        loss, logits = classification_loss(model, batch)
+        k = len(batch["labels"])
+        loss_sum += float(loss) * k
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        n += k
+    model.train(was_training)
+    return {"eval_loss": loss_sum / max(n, 1), "eval_accuracy": correct / max(n, 1)}
+
+
+def make_optimizer(model: nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"method {spec.method.name} left no trainable parameter")
+    return torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def save_adapter(prep: Prepared, out_dir: Path, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write the adapter (safetensors) and its config (JSON) atomically: temp name, then rename."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights, config = out_dir / ADAPTER_FILE, out_dir / ADAPTER_CONFIG_FILE
+    tmp = weights.with_suffix(".tmp")
+    save_file({k: v.cpu() for k, v in prep.method.adapter_state_dict(prep.model).items()}, str(tmp))
+    os.replace(tmp, weights)
+    meta = {
+        "method": prep.method.name,
+        "method_config": prep.method.config.model_dump(mode="json"),
+        "method_state": prep.method.state(),
+        "model": prep.spec.model,
+        "model_source": prep.model.info.source,
+        "num_labels": prep.data.num_labels,
+        "label_names": prep.data.label_names,
+        "spec": prep.spec.model_dump(mode="json"),
+        **(extra or {}),
+    }
+    tmp = config.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, config)
+    return weights, config
+
+
+def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: bool = True) -> TrainResult:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # --- setup ----------------------------------------------------------------------------------
+    prep = prepare(spec)
+    model, method, data, device, cfg = prep.model, prep.method, prep.data, prep.device, spec.train
+    reporter.log(f"model {spec.model} on {device}; {len(data.train)} train / {len(data.eval)} eval examples")
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    loss_fn = lambda batch: classification_loss(model, to_device(batch, device))[0]  # noqa: E731
+    ctx = TrainContext(
+        model=model, step=0, total_steps=total_steps, loss_fn=loss_fn,
+        batches=lambda: iterate_batches(data.train, cfg.batch_size, shuffle=True), log=reporter.log,
+    )  # fmt: skip
+    if method.on_train_start(ctx):
+        reporter.log("method changed its trainable parameters before training")
+    optimizer = make_optimizer(model, spec)
+    step, start_epoch = 0, 0
+
+    ckpt_path = out_dir / CHECKPOINT_FILE
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        method.load_state(model, ckpt["method_state"])
+        model.load_state_dict(ckpt["trainable"], strict=False)
+        optimizer = make_optimizer(model, spec)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, start_epoch = ckpt["step"], ckpt["epoch"]
+        reporter.log(f"resumed from checkpoint at step {step}")
+
+    trainable, total = count_parameters(model)
+    adapter_params = method.adapter_param_count(model)
+    reporter.log(f"trainable {trainable:,} / total {total:,} parameters; {total_steps} steps")
+    process = psutil.Process()
+    peak_rss = process.memory_info().rss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step_time, eval_time, final = 0.0, 0.0, {}
+    model.train()
+
+    # --- loop -----------------------------------------------------------------------------------
+    running, running_n = 0.0, 0
+    for epoch in range(start_epoch, epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # same order after a resume
+        batches = iterate_batches(data.train, cfg.batch_size, shuffle=True, generator=gen)
+        for i, batch in enumerate(batches):
+            if i < step - epoch * steps_per_epoch:
+                continue  # skip what a resumed run already did in this epoch
+            if step >= total_steps:
+                break
+            t0 = time.perf_counter()
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.lr * lr_factor(step, total_steps, warmup, cfg.schedule)
+            batch = to_device(batch, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, _ = classification_loss(model, batch)
+                extra = method.extra_loss(model)
+                if extra is not None:
+                    loss = loss + extra
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_time += time.perf_counter() - t0
+            running, running_n = running + loss.item(), running_n + 1
+
+            ctx.step = step
+            if method.on_step_end(ctx):
+                optimizer = make_optimizer(model, spec)  # the trainable set changed (e.g. Pear pruned)
+                reporter.log(f"step {step}: method changed its trainable parameters; optimizer rebuilt")
+
+            if step % cfg.log_every == 0 or step == total_steps:
+                peak_rss = max(peak_rss, process.memory_info().rss)
+                reporter.log_metrics(step, {"train_loss": running / running_n, "lr": optimizer.param_groups[0]["lr"],
+                                            "epoch": step / steps_per_epoch})  # fmt: skip
+                reporter.set_progress(step / total_steps)
+                running, running_n = 0.0, 0
+            if step % eval_every == 0 or step == total_steps:
+                t1 = time.perf_counter()
+                final = evaluate(model, data.eval, cfg.batch_size * 2, device)
+                eval_time += time.perf_counter() - t1
+                reporter.log_metrics(step, final)
+                reporter.log(f"step {step}/{total_steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+            if reporter.should_stop():
+                raise Cancelled(f"stopped at step {step}")
+        # Checkpoint at each epoch end: the trainable tensors, optimizer and method state (resume).
+        torch.save({"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(), "step": step,
+                    "epoch": epoch + 1, "method_state": method.state()}, ckpt_path)  # fmt: skip
+        if step >= total_steps:
+            break
+
+    # --- finish ---------------------------------------------------------------------------------
+    weights, config = save_adapter(prep, out_dir)
+    artifacts = {"adapter": str(weights), "adapter_config": str(config)}
+    method_data = method.artifacts(model)
+    if method_data:
+        path = out_dir / f"{method.name}_analysis.json"
+        path.write_text(json.dumps(method_data))
+        artifacts["method_analysis"] = str(path)
+    peak_rss = max(peak_rss, process.memory_info().rss)
+    steps_done = max(step, 1)
+    timings = {
+        "total_s": time.perf_counter() - t_start,
+        "train_s": step_time,
+        "eval_s": eval_time,
+        "ms_per_step": 1000 * step_time / steps_done,
+        "peak_rss_mb": peak_rss / 2**20,
+    }
+    if device.type == "cuda":
+        timings["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return TrainResult(
+        status="succeeded", final_metrics=final, trainable_params=trainable, total_params=total,
+        adapter_params=adapter_params, device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
+        steps=step, timings=timings, artifacts=artifacts, majority_rate=data.majority_rate(),
+    )  # fmt: skip
