@@ -95,7 +95,9 @@ def _experiment_id(session: Session, name: str) -> int:
     return exp_id
 
 
-def create_run(spec: dict[str, Any], *, executor: str = "ray", run_id: str | None = None, status: str = "queued") -> str:
+def create_run(
+    spec: dict[str, Any], *, executor: str = "ray", run_id: str | None = None, status: str = "queued"
+) -> str:
     """Insert a run row for a validated RunSpec (as a JSON-able dict) and return its id."""
     run_id = run_id or new_run_id()
     with session_scope() as s:

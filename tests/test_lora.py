@@ -24,7 +24,9 @@ def test_lora_equals_peft_lora(model_name, use_rslora):
     theirs.load_state_dict(ours.state_dict())
     method = build_method("lora", {"rank": 4, "alpha": 8, "target_roles": ["q", "v"], "use_rslora": use_rslora})
     method.apply(ours)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_TARGETS[model_name], lora_dropout=0.0, use_rslora=use_rslora)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=PEFT_TARGETS[model_name], lora_dropout=0.0, use_rslora=use_rslora
+    )
     peft_net = get_peft_model(theirs.net, cfg)
     # Give B non-zero values, then copy our A and B into PEFT's layers.
     g = torch.Generator().manual_seed(3)

@@ -30,7 +30,7 @@ def _perturb(model, method, seed: int = 1) -> None:
     """Give every adapter tensor a non-trivial value (B = 0 at init would hide bugs)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:  # adapter tensors and the task head
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
 

@@ -98,7 +98,9 @@ class AdaptedLinear(nn.Module):
         dw = self.delta_weight()
         if dw is None:
             raise TypeError(f"{type(self).__name__} has no dense ΔW and cannot be merged")
-        out = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None or self.delta_bias() is not None)
+        out = nn.Linear(
+            self.in_features, self.out_features, bias=self.base.bias is not None or self.delta_bias() is not None
+        )
         out = out.to(device=self.base.weight.device, dtype=self.base.weight.dtype)
         out.weight.copy_(self.base.weight + dw.to(self.base.weight.dtype))
         if out.bias is not None:
@@ -279,7 +281,9 @@ def get_method(name: str) -> type[Method]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"method.name {name!r} is not a registered method; choose from {', '.join(_REGISTRY)}") from None
+        raise ValueError(
+            f"method.name {name!r} is not a registered method; choose from {', '.join(_REGISTRY)}"
+        ) from None
 
 
 def method_config(name: str, params: dict[str, Any] | None) -> MethodConfig:
