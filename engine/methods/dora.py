@@ -1,0 +1,100 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al., 2024, arXiv 2402.09353, eq. 5 and §4.3).
+
+``W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖_row``: the adapted weight is split into a direction (LoRA-updated
+``W0``, normalised per output row) and a trainable magnitude ``m ∈ R^{d_out}`` initialised to ``‖W0‖_row``,
+so ``W' = W0`` at init (``B = 0``). As §4.3 of the paper and PEFT do, the norm is treated as a constant in the
+backward pass (detached): gradients reach ``m``, ``A`` and ``B`` only through the numerator.
+
+Dropout (the paper is silent; we follow PEFT's ``DoraLinearLayer``): with dropout ``d`` active in training the
+output is ``W0 x + b0 + (m/‖·‖)(W0 + s B A) d(x) − W0 d(x)``; without dropout (or in eval) this is exactly
+``(m/‖·‖)(W0 + s B A) x + b0``. The bias is never rescaled.
+
+Parameters ``r(d_in + d_out) + d_out`` per layer. Mergeable: ``W' `` is a dense matrix. Tensor names map to
+PEFT's as in ``PEFT_NAMES`` (``dora_A.weight`` ↔ ``lora_A.<adapter>.weight``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.methods.base import AdaptedLinear, Method, register_method
+from engine.methods.lora import LoRAConfig
+
+# Our attribute name -> PEFT's (``LoraConfig(use_dora=True)``); the magnitude is PEFT's
+# ``lora_magnitude_vector.<adapter>.weight``.
+PEFT_NAMES = {"dora_A": "lora_A", "dora_B": "lora_B", "dora_magnitude_vector": "lora_magnitude_vector"}
+
+
+class DoRAConfig(LoRAConfig):
+    """LoRA's fields: rank and α of the directional update ``s B A``, its input dropout, rsLoRA scaling."""
+
+
+class DoRALinear(AdaptedLinear):
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0):
+        super().__init__(base)
+        w = base.weight
+        self.dora_A = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+        self.dora_B = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.dora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.dora_B.weight)
+        self.scaling = scaling
+        self.dora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        with torch.no_grad():
+            magnitude = torch.linalg.norm(w.float(), dim=1).to(w.dtype)  # ‖W0‖_row (B = 0 at init)
+        self.dora_magnitude_vector = nn.Parameter(magnitude)
+
+    def _low_rank_weight(self) -> torch.Tensor:
+        return self.dora_B.weight @ self.dora_A.weight
+
+    def weight_norm(self) -> torch.Tensor:
+        """‖W0 + s B A‖ per output row, without gradient (the paper's §4.3 constant)."""
+        with torch.no_grad():
+            return torch.linalg.norm(self.base.weight + self.scaling * self._low_rank_weight(), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w0, bias = self.base.weight, self.base.bias
+        magnitude_scale = self.dora_magnitude_vector / self.weight_norm().to(x.dtype)
+        base_out = F.linear(x, w0)
+        if self.training and isinstance(self.dora_dropout, nn.Dropout):
+            # As in PEFT: the magnitude-scaled direction sees d(x), the kept base output sees x.
+            dropped = self.dora_dropout(x)
+            base_on_dropped = F.linear(dropped, w0)
+        else:
+            dropped, base_on_dropped = x, base_out
+        lora_out = self.dora_B(self.dora_A(dropped)) * self.scaling
+        out = base_out + (magnitude_scale - 1) * base_on_dropped + magnitude_scale * lora_out
+        return out if bias is None else out + bias
+
+    def adapted_weight(self) -> torch.Tensor:
+        """``W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖_row`` (eq. 5)."""
+        direction = self.base.weight + self.scaling * self._low_rank_weight()
+        return (self.dora_magnitude_vector / self.weight_norm()).unsqueeze(1) * direction
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.adapted_weight() - self.base.weight
+
+
+@register_method
+class DoRA(Method):
+    name = "dora"
+    config_cls = DoRAConfig
+    prefix = "dora_"
+    mergeable = True
+    summary = "Magnitude-direction split: W' = m·(W0 + sBA)/‖W0 + sBA‖_row, m and B A trainable"
+    paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv 2402.09353)"
+    test_params = {"rank": 2, "alpha": 4.0, "target_roles": ["q", "v"]}
+
+    def make_layer(self, base, layer, model):
+        cfg: DoRAConfig = self.config
+        return DoRALinear(base, cfg.rank, cfg.scaling(), cfg.dropout)
+
+    def adapter_param_count(self, model) -> int:
+        r = self.config.rank
+        return sum(
+            r * (l.module.in_features + l.module.out_features) + l.module.out_features
+            for l in self.target_layers(model)
+        )

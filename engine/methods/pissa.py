@@ -1,0 +1,170 @@
+"""PiSSA: principal singular values and singular vectors adaptation (Meng et al., 2024, arXiv 2404.02948, §3).
+
+SVD ``W0 = U S Vᵀ``; the adapter takes the top-r principal components, ``B = U_r √(S_r/s)``,
+``A = √(S_r/s) V_rᵀ``, and the frozen weight becomes the residual ``W_res = W0 − s B A``. At init the adapted
+layer computes ``W_res x + s B A x = W0 x``: PiSSA changes where training starts, not the function.
+The ``/s`` inside the root is PEFT's convention (``Sr /= scaling``), so ``s B A = U_r S_r V_rᵀ`` for any α.
+
+The paper uses a full SVD; ``svd_niter > 0`` uses PEFT's fast randomized alternative (``torch.svd_lowrank``
+with that many subspace iterations, PEFT's ``init_lora_weights="pissa_niter_<k>"``).
+
+Also here: ``ResidualLowRankLinear``, the layer PiSSA and CorDA share (both move a rank-r part of ``W0`` into
+the adapter and freeze the residual). It keeps the initial factors ``A0, B0`` as buffers in the adapter's state
+dict, so ``pretrained_weight() = W_res + s B0 A0`` recovers ``W0`` exactly, an export step can turn the adapter
+into a plain LoRA on ``W0`` (``ΔW = s(B A − B0 A0)``), and loading an adapter into a freshly built model rebuilds
+the matching residual (see ``_load_from_state_dict``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from engine.methods.base import AdaptedLinear, Method, register_method
+from engine.methods.lora import LoRAConfig
+
+# Our attribute names -> PEFT's LoRA names (``pissa_A.weight`` ↔ ``lora_A.<adapter>.weight``). The initial
+# factors have no PEFT counterpart (PEFT writes the residual into the base model instead).
+PEFT_NAMES = {"pissa_A": "lora_A", "pissa_B": "lora_B"}
+
+
+class ResidualLowRankLinear(AdaptedLinear):
+    """``y = W_res x + b0 + s B A dropout(x)`` with ``W_res = W0 − s B0 A0`` stored as ``base.weight``.
+
+    Subclasses set ``factor_prefix``; the tensors are ``<prefix>A`` (nn.Linear d_in→r), ``<prefix>B``
+    (nn.Linear r→d_out) and the buffers ``<prefix>initial_A``, ``<prefix>initial_B``. Until
+    ``initialise_from`` is called the layer is a plain LoRA (A Kaiming-uniform, B = 0, ``W_res = W0``).
+    """
+
+    factor_prefix: ClassVar[str]
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0):
+        super().__init__(base)
+        w = base.weight
+        factor_a = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+        factor_b = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(factor_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(factor_b.weight)
+        setattr(self, self.factor_prefix + "A", factor_a)
+        setattr(self, self.factor_prefix + "B", factor_b)
+        self.register_buffer(self.factor_prefix + "initial_A", factor_a.weight.detach().clone())
+        self.register_buffer(self.factor_prefix + "initial_B", factor_b.weight.detach().clone())
+        self.rank = rank
+        self.scaling = scaling
+        self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    # The factors under generic names (the stored names carry the method's prefix).
+    @property
+    def factor_A(self) -> nn.Linear:
+        return getattr(self, self.factor_prefix + "A")
+
+    @property
+    def factor_B(self) -> nn.Linear:
+        return getattr(self, self.factor_prefix + "B")
+
+    @property
+    def initial_A(self) -> torch.Tensor:
+        return getattr(self, self.factor_prefix + "initial_A")
+
+    @property
+    def initial_B(self) -> torch.Tensor:
+        return getattr(self, self.factor_prefix + "initial_B")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.factor_B(self.factor_A(self.adapter_dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.factor_B.weight @ self.factor_A.weight)
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) with ΔW = B @ A relative to the residual (scaling folded into B)."""
+        return self.scaling * self.factor_B.weight, self.factor_A.weight
+
+    def pretrained_weight(self) -> torch.Tensor:
+        """The original ``W0 = W_res + s B0 A0`` (``effective_base_weight()`` is the residual ``W_res``)."""
+        return self.base.weight + self.scaling * (self.initial_B @ self.initial_A).to(self.base.weight.dtype)
+
+    @torch.no_grad()
+    def initialise_from(self, factor_a: torch.Tensor, factor_b: torch.Tensor) -> None:
+        """Move ``s B A`` out of ``W0``: set A, B (and A0, B0) and the residual ``W0 − s B A``, in place."""
+        w0 = self.pretrained_weight().float()
+        dtype = self.base.weight.dtype
+        self.factor_A.weight.copy_(factor_a.to(dtype))
+        self.factor_B.weight.copy_(factor_b.to(dtype))
+        self.initial_A.copy_(factor_a.to(dtype))
+        self.initial_B.copy_(factor_b.to(dtype))
+        self.base.weight.copy_((w0 - self.scaling * factor_b.float() @ factor_a.float()).to(dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # Loading other initial factors (an adapter saved from a calibrated or randomized init) changes which
+        # residual belongs to them: W_res ← W_res + s(B0_old A0_old − B0_new A0_new) keeps W0 = W_res + s B0 A0.
+        # The layer's own tensors load before its children's, so a state dict that also holds ``base.weight``
+        # (a full-model state) overwrites this adjustment with its own, already consistent, residual.
+        key_a, key_b = prefix + self.factor_prefix + "initial_A", prefix + self.factor_prefix + "initial_B"
+        old = None
+        if key_a in state_dict and key_b in state_dict:
+            old = (self.initial_B.clone(), self.initial_A.clone())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        if old is None or (torch.equal(old[0], self.initial_B) and torch.equal(old[1], self.initial_A)):
+            return
+        with torch.no_grad():
+            w = self.base.weight
+            old_part = (old[0].float() @ old[1].float()) - (self.initial_B.float() @ self.initial_A.float())
+            w.copy_((w.float() + self.scaling * old_part).to(w.dtype))
+
+
+class PiSSAConfig(LoRAConfig):
+    rank: int = Field(8, ge=1, le=4096, description="r, the number of principal components moved into the adapter")
+    alpha: float = Field(8.0, gt=0, description="α; scaling s = α/r (PiSSA uses s = 1, i.e. α = r)")
+    svd_niter: int = Field(
+        0, ge=0, le=100, description="0: full SVD (the paper); k > 0: randomized SVD with k subspace iterations"
+    )
+
+
+def principal_factors(
+    weight: torch.Tensor, rank: int, scaling: float, svd_niter: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's ``(A, B) = (√(S_r/s) V_rᵀ, U_r √(S_r/s))`` from the SVD of ``weight`` (float32)."""
+    w = weight.detach().float()
+    if rank > min(w.shape):
+        raise ValueError(f"pissa rank {rank} exceeds min(d_out, d_in) = {min(w.shape)} of a {tuple(w.shape)} weight")
+    if svd_niter == 0:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u_r, s_r, vh_r = u[:, :rank], s[:rank], vh[:rank]
+    else:
+        u_r, s_r, v_r = torch.svd_lowrank(w, q=rank, niter=svd_niter)
+        vh_r = v_r.T
+    root = torch.sqrt(s_r / scaling)
+    return root[:, None] * vh_r, u_r * root[None, :]
+
+
+class PiSSALinear(ResidualLowRankLinear):
+    factor_prefix = "pissa_"
+
+
+@register_method
+class PiSSA(Method):
+    name = "pissa"
+    config_cls = PiSSAConfig
+    prefix = "pissa_"
+    mergeable = True
+    summary = "LoRA initialised on the top-r singular components of W0; the residual W0 − sBA is frozen"
+    paper = (
+        "Meng, Wang & Zhang 2024, PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large "
+        "Language Models (arXiv 2404.02948)"
+    )
+    test_params = {"rank": 2, "alpha": 2.0, "target_roles": ["q", "v"]}
+
+    def make_layer(self, base, layer, model):
+        cfg: PiSSAConfig = self.config
+        adapted = PiSSALinear(base, cfg.rank, cfg.scaling(), cfg.dropout)
+        adapted.initialise_from(*principal_factors(base.weight, cfg.rank, cfg.scaling(), cfg.svd_niter))
+        return adapted
+
+    def adapter_param_count(self, model) -> int:
+        r = self.config.rank
+        return sum(r * (l.module.in_features + l.module.out_features) for l in self.target_layers(model))
