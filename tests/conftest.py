@@ -42,3 +42,62 @@ def tiny_image_batch(n: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def batch_for(model, seed: int = 0) -> dict[str, torch.Tensor]:
     return tiny_text_batch(model, seed=seed) if model.info.modality == "text" else tiny_image_batch(seed=seed)
+
+
+# --- a real local Ray head, shared by the tests that submit jobs -----------------------------------
+
+
+@pytest.fixture(scope="session")
+def _ray_head(tmp_path_factory):
+    from db import store
+    from jobs import cluster
+
+    home = tmp_path_factory.mktemp("raylab")
+    env = {
+        "PEFTLAB_HOME": str(home),
+        "PEFTLAB_DB_URL": f"sqlite:///{home / 'lab.db'}",
+        "PEFTLAB_ARTIFACTS": str(home / "artifacts"),
+    }
+    saved = {k: os.environ.get(k) for k in [*env, "RAY_ADDRESS"]}
+    os.environ.update(env)
+    os.environ.pop("RAY_ADDRESS", None)
+    store.get_engine.cache_clear()
+    cluster.start_local_head(num_cpus=2)
+    yield env
+    cluster.stop_local_head()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    store.get_engine.cache_clear()
+
+
+@pytest.fixture()
+def ray_lab(_ray_head, monkeypatch):
+    """The session's local Ray head and its PEFT Lab home (database, artifacts), for one test."""
+    from db import store
+
+    for k, v in _ray_head.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    store.get_engine.cache_clear()
+    yield _ray_head
+    store.get_engine.cache_clear()
+
+
+def tiny_spec(**overrides) -> dict:
+    """A RunSpec dict that trains tiny-bert for a few steps in seconds."""
+    spec = {
+        "model": "tiny-bert",
+        "dataset": {"name": "tweets-sentiment", "max_train": 64, "max_eval": 32, "max_length": 16},
+        "method": {"name": "lora", "rank": 4},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 0.001, "log_every": 1, "num_threads": 1},
+        "resources": {"num_cpus": 1},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = spec[key] | value
+        else:
+            spec[key] = value
+    return spec

@@ -1,0 +1,34 @@
+"""PEFT Lab dashboard: ``streamlit run app/main.py`` (``./run_app.sh`` does it for you)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+st.set_page_config(page_title="PEFT Lab", page_icon="🧪", layout="wide")
+
+PAGES = {
+    "Experiments": [
+        st.Page("pages/launch.py", title="Launch", icon="🚀", default=True),
+        st.Page("pages/runs.py", title="Runs", icon="📋"),
+        st.Page("pages/run_detail.py", title="Run detail", icon="🔎"),
+    ],
+}
+ANALYSIS_PAGES = [
+    ("pages/compare.py", "Compare", "⚖️"),
+    ("pages/spectra.py", "Spectra", "📈"),
+    ("pages/importance.py", "Importance", "🎯"),
+    ("pages/landscape.py", "Landscape", "🏔️"),
+    ("pages/export.py", "Export", "📦"),
+]
+available = [st.Page(p, title=t, icon=i) for p, t, i in ANALYSIS_PAGES if (Path(__file__).parent / p).exists()]
+if available:
+    PAGES["Analyses"] = available
+
+st.navigation(PAGES).run()

@@ -1,0 +1,76 @@
+"""Run detail: the full spec, metrics table and curves, parameter counts, device, timings, artifacts, log."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+import yaml
+
+from app import charts
+from app.common import STATUS_ICONS, elapsed_s, format_duration, selected_run_id
+from db import store
+
+st.title("🔎 Run detail")
+runs = store.list_runs(limit=1000)
+run_id = selected_run_id(runs)
+if run_id is None:
+    st.info("No runs yet.")
+    st.stop()
+
+
+@st.fragment(run_every=3.0)
+def detail() -> None:
+    run = store.get_run(run_id)
+    summary = run["summary"] or {}
+    c = st.columns(5)
+    c[0].metric("status", f"{STATUS_ICONS.get(run['status'], '')} {run['status']}")
+    c[1].metric("progress", f"{(run['progress'] or 0):.0%}")
+    c[2].metric("elapsed", format_duration(elapsed_s(run)) or "-")
+    acc = (summary.get("final_metrics") or {}).get("eval_accuracy")
+    c[3].metric("eval accuracy", "-" if acc is None else f"{acc:.4f}",
+                help=f"majority-class rate {summary['majority_rate']:.4f}" if summary.get("majority_rate") else None)
+    tp, total = run["trainable_params"], run["total_params"]
+    c[4].metric("trainable / total", "-" if tp is None else f"{tp:,} / {total:,}",
+                help=None if tp is None else f"{100 * tp / total:.3f}% trainable")  # fmt: skip
+    if run["status"] in ("queued", "running") and st.button("Cancel this run", key="cancel_detail"):
+        from jobs.runs import cancel_run
+
+        cancel_run(run_id)
+        st.rerun()
+    if run["error"]:
+        st.error(run["error"])
+
+    metrics = store.get_metrics([run_id])
+    if not metrics.empty:
+        keys = [k for k in ("train_loss", "eval_loss", "eval_accuracy", "lr") if k in set(metrics["key"])]
+        cols = st.columns(2)
+        for i, key in enumerate(keys):
+            cols[i % 2].plotly_chart(charts.metric_curves(metrics, key, {run_id: run["method"]}), key=f"curve_{key}")
+        with st.expander("Metrics table"):
+            st.dataframe(metrics.pivot_table(index="step", columns="key", values="value"), width="stretch")
+
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Spec")
+        st.code(yaml.safe_dump(run["spec"], sort_keys=False), language="yaml")
+        st.download_button("Download RunSpec YAML", yaml.safe_dump(run["spec"], sort_keys=False),
+                           file_name=f"{run_id}.yaml", key="dl_spec")  # fmt: skip
+    with right:
+        st.subheader("Run")
+        info = {
+            "device": run["device"], "executor": run["executor"], "created": run["created_at"],
+            "started": run["started_at"], "finished": run["finished_at"], **(summary.get("timings") or {}),
+            "steps": summary.get("steps"), "adapter params (formula)": summary.get("adapter_params"),
+        }  # fmt: skip
+        st.dataframe(pd.DataFrame({"": [str(v) for v in info.values()]}, index=list(info)), width="stretch")
+        st.subheader("Artifacts")
+        arts = store.list_artifacts(run_id)
+        if arts:
+            st.dataframe(pd.DataFrame(arts)[["kind", "path", "bytes", "sha256"]], hide_index=True, width="stretch")
+    from jobs.runs import job_logs
+
+    with st.expander("Log (tail)", expanded=run["status"] == "failed"):
+        st.code(job_logs(run_id, tail=80) or "(no log yet)", language="text")
+
+
+detail()

@@ -1,0 +1,91 @@
+"""Runs: every run with its status, progress and live curves; cancel; errors and log tails of failures."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app import charts
+from app.common import STATUS_ICONS, elapsed_s, final_accuracy, format_duration, run_label
+from db import store
+from engine.methods import method_names
+
+st.title("📋 Runs")
+
+c1, c2, c3 = st.columns([2, 2, 1])
+status_filter = c1.multiselect("Status", list(STATUS_ICONS), default=[], key="status_filter")
+method_filter = c2.multiselect("Method", method_names(), default=[], key="method_filter")
+limit = c3.number_input("Show at most", min_value=10, value=200, step=50)
+
+
+def runs_table(runs: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "status": [f"{STATUS_ICONS.get(r['status'], '')} {r['status']}" for r in runs],
+            "run": [r["id"] for r in runs],
+            "name": [r["name"] or "" for r in runs],
+            "method": [r["method"] for r in runs],
+            "model": [r["model"] for r in runs],
+            "dataset": [r["dataset"] for r in runs],
+            "seed": [r["seed"] for r in runs],
+            "progress": [float(r["progress"] or 0.0) for r in runs],
+            "elapsed": [format_duration(elapsed_s(r)) for r in runs],
+            "eval accuracy": [final_accuracy(r) for r in runs],
+            "trainable params": [r["trainable_params"] for r in runs],
+            "detail": [f"/run_detail?run={r['id']}" for r in runs],
+        }
+    )
+
+
+@st.fragment(run_every=2.0)
+def live_runs() -> None:
+    """Re-runs every 2 s on its own: the table and curves update without reloading the page."""
+    from jobs.runs import reconcile
+
+    reconcile()
+    runs = store.list_runs(status=status_filter or None, methods=method_filter or None, limit=int(limit))
+    if not runs:
+        st.info("No runs yet: launch some on the Launch page.")
+        return
+    active = [r for r in runs if r["status"] in ("queued", "running")]
+    counts = pd.Series([r["status"] for r in runs]).value_counts()
+    st.caption(" · ".join(f"{STATUS_ICONS[s]} {s}: {counts.get(s, 0)}" for s in STATUS_ICONS))
+    st.dataframe(
+        runs_table(runs),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
+            "eval accuracy": st.column_config.NumberColumn(format="%.4f"),
+            "detail": st.column_config.LinkColumn("detail", display_text="open"),
+        },
+        key="runs_table",
+    )
+    # Live curves: the active runs, else the latest few.
+    shown = (active or runs)[:8]
+    metrics = store.get_metrics([r["id"] for r in shown], keys=["train_loss", "eval_accuracy"])
+    labels = {r["id"]: f"{r['method']} s{r['seed']} ({r['id'][-6:]})" for r in shown}
+    left, right = st.columns(2)
+    left.plotly_chart(charts.metric_curves(metrics, "train_loss", labels, "training loss"), key="live_loss")
+    right.plotly_chart(charts.metric_curves(metrics, "eval_accuracy", labels, "validation accuracy"), key="live_acc")
+
+    if active:
+        c1, c2 = st.columns([4, 1])
+        labels_all = {r["id"]: run_label(r) for r in active}
+        target = c1.selectbox("Active run", list(labels_all), format_func=labels_all.get, key="cancel_target")
+        if c2.button("Cancel run", key="cancel"):
+            from jobs.runs import cancel_run
+
+            cancel_run(target)
+            st.toast(f"cancelled {target}")
+
+    failed = [r for r in runs if r["status"] == "failed"][:5]
+    for r in failed:
+        with st.expander(f"❌ {run_label(r)}"):
+            from jobs.runs import job_logs
+
+            st.error(r["error"] or "no error recorded")
+            st.code(job_logs(r["id"], tail=40) or "(no log)", language="text")
+
+
+live_runs()
