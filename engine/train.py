@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from engine.analysis.importance import LayerNormProfiler
 from engine.data import DataBundle, iterate_batches, load_data, read_raw
 from engine.methods import Method, TrainContext, build_method
 from engine.models import TaskModel, count_parameters, load_model
@@ -235,8 +236,10 @@ def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: boo
         step, start_epoch = ckpt["step"], ckpt["epoch"]
         reporter.log(f"resumed from checkpoint at step {step}")
 
+    ctx.step = step
     trainable, total = count_parameters(model)
-    adapter_params = method.adapter_param_count(model)
+    # Per-layer gradient and update norms of the adapters, about 20 points over the run (importance view).
+    profiler = LayerNormProfiler(model, every=max(1, total_steps // 20), steps=[total_steps])
     reporter.log(f"trainable {trainable:,} / total {total:,} parameters; {total_steps} steps")
     process = psutil.Process()
     peak_rss = process.memory_info().rss
@@ -274,6 +277,7 @@ def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: boo
             running, running_n = running + loss.item(), running_n + 1
 
             ctx.step = step
+            profiler.record(step)
             if method.on_step_end(ctx):
                 optimizer = make_optimizer(model, spec)  # the trainable set changed (e.g. Pear pruned)
                 reporter.log(f"step {step}: method changed its trainable parameters; optimizer rebuilt")
@@ -292,8 +296,9 @@ def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: boo
                 reporter.log(f"step {step}/{total_steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
             if reporter.should_stop():
                 raise Cancelled(f"stopped at step {step}")
-        # Checkpoint at each epoch end: the trainable tensors, optimizer and method state (resume).
-        torch.save({"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(), "step": step,
+        # Checkpoint at each epoch end: trainable and adapter tensors (frozen ones too, e.g. Pear's knowledge
+        # checkpoint), optimizer and method state, so a resumed run continues exactly.
+        torch.save({"trainable": _trainable_state(model) | method.adapter_state_dict(model), "optimizer": optimizer.state_dict(), "step": step,
                     "epoch": epoch + 1, "method_state": method.state()}, ckpt_path)  # fmt: skip
         if step >= total_steps:
             break
@@ -306,6 +311,12 @@ def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: boo
         path = out_dir / f"{method.name}_analysis.json"
         path.write_text(json.dumps(method_data))
         artifacts["method_analysis"] = str(path)
+    profiler.close()
+    if profiler.records:
+        path = out_dir / "norm_profile.json"
+        path.write_text(json.dumps(profiler.to_dict()))
+        artifacts["norm_profile"] = str(path)
+    trainable, _ = count_parameters(model)  # a method may have changed its trainable set (Pear prunes)
     peak_rss = max(peak_rss, process.memory_info().rss)
     steps_done = max(step, 1)
     timings = {
@@ -319,6 +330,6 @@ def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: boo
         timings["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return TrainResult(
         status="succeeded", final_metrics=final, trainable_params=trainable, total_params=total,
-        adapter_params=adapter_params, device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
+        adapter_params=method.adapter_param_count(model), device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
         steps=step, timings=timings, artifacts=artifacts, majority_rate=data.majority_rate(),
     )  # fmt: skip
