@@ -3,6 +3,9 @@
     python -m app.cli run SPEC.yaml [--json]     train in this process (no Ray)
     python -m app.cli submit SPEC.yaml [--seeds 0 1 2]   submit to Ray (local head or RAY_ADDRESS)
     python -m app.cli ls | show ID | cancel ID | logs ID | methods | models | datasets
+    python -m app.cli analyze ID --kind spectra|importance|landscape [--json]   compute or reuse a stored analysis
+    python -m app.cli export ID --format native|peft|merged --out DIR [--json]  write an adapter or merged model
+    python -m app.cli import DIR [--name NAME]                                  record an exported adapter as a run
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from db import store
@@ -123,6 +127,96 @@ def cmd_datasets(_args) -> int:
     return 0
 
 
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+LANDSCAPE_FLAGS = {"grid": "--grid", "span": "--span", "examples": "--examples", "landscape_kind": "--landscape-kind"}
+
+
+def cmd_analyze(args) -> int:
+    from jobs.analysis import AnalysisError, compute_analysis
+
+    given = {name: getattr(args, name) for name in LANDSCAPE_FLAGS if getattr(args, name) is not None}
+    if given and args.kind != "landscape":
+        flags = ", ".join(LANDSCAPE_FLAGS[name] for name in given)
+        return _fail(f"{flags} apply to --kind landscape only (this is --kind {args.kind}): drop them")
+    params = {"kind" if name == "landscape_kind" else name: value for name, value in given.items()}
+    try:
+        summary = compute_analysis(args.run_id, args.kind, params, force=args.force)
+    except AnalysisError as err:
+        return _fail(str(err))
+    if args.json:
+        _print_json(summary)
+        return 0
+    how = "reused the stored artifact" if summary["reused"] else "computed"
+    print(f"{summary['kind']} of {summary['run_id']}: {how}")
+    for path in summary["artifacts"]:
+        print(f"  {path}")
+    for key, value in summary["headline"].items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for name, item in value.items():
+                print(f"  {name}: {item:.4g}" if isinstance(item, float) else f"  {name}: {item}")
+        else:
+            print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from engine.export import ExportError, export_run
+    from engine.methods import build_method
+    from jobs.analysis import AnalysisError, trained_run
+
+    if args.svd_rank is not None and args.format != "peft":
+        return _fail("--svd-rank converts to the PEFT LoRA layout: use it with --format peft")
+    if args.rank is not None and args.format != "peft":
+        return _fail("--rank sets the rank of a layer's low-rank factors in the PEFT layout: use it with --format peft")
+    try:
+        run, adapter_dir = trained_run(args.run_id)
+        method_spec = dict(run["spec"]["method"])
+        method = build_method(method_spec.pop("name"), method_spec)
+        if args.format == "merged" and not method.mergeable:
+            return _fail(
+                f"--format merged: method {method.name} of run {args.run_id} is not mergeable (its update is not a "
+                "dense ΔW that folds into the weights); use --format native"
+            )
+        out = Path(args.out).expanduser()
+        root, name = (out.parent, out.name) if out.is_absolute() else (Path.cwd(), out)
+        result = export_run(adapter_dir, args.format, name, root=root, summary=run["summary"], svd_rank=args.svd_rank,
+                            factor_rank=args.rank, overwrite=args.overwrite)  # fmt: skip
+    except (AnalysisError, ExportError) as err:
+        return _fail(str(err))
+    if args.json:
+        _print_json({"run_id": args.run_id, "format": result.format, "path": str(result.path), "files": result.files,
+                     "relative_error": result.relative_error, "weight_error": result.weight_error,
+                     "notes": result.notes})  # fmt: skip
+        return 0
+    print(result.path)
+    for name, digest in result.files.items():
+        print(f"{digest}  {name}")
+    if result.relative_error is not None:
+        print(f"relative error of the LoRA conversion: {result.relative_error:.3e}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from engine.export import ExportError, import_into_db
+
+    try:
+        run_id = import_into_db(args.dir, name=args.name)
+    except (ExportError, SpecError) as err:
+        return _fail(str(err))
+    if args.json:
+        _print_json({"run_id": run_id})
+    else:
+        print(run_id)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app.cli", description="PEFT Lab command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +244,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="registered method names").set_defaults(func=cmd_methods)
     sub.add_parser("models", help="bundled model aliases").set_defaults(func=cmd_models)
     sub.add_parser("datasets", help="bundled datasets").set_defaults(func=cmd_datasets)
+    p = sub.add_parser("analyze", help="compute (or reuse) a stored analysis of a trained run")
+    p.add_argument("run_id")
+    p.add_argument("--kind", required=True, choices=["spectra", "importance", "landscape"])
+    p.add_argument("--json", action="store_true", help="print one JSON object (kind, artifacts, headline) last")
+    p.add_argument("--force", action="store_true", help="recompute even if a stored artifact matches")
+    p.add_argument("--landscape-kind", choices=["2d", "1d", "interpolation"], help="landscape: default 2d")
+    p.add_argument("--grid", type=int, help="landscape: points per axis (default 11 for 2d, 21 for 1d)")
+    p.add_argument("--span", type=float, help="landscape: coordinate range [-span, span] (default 1.0)")
+    p.add_argument("--examples", type=int, help="landscape: evaluation examples (default 64)")
+    p.set_defaults(func=cmd_analyze)
+    p = sub.add_parser("export", help="export a run's adapter (native, PEFT LoRA) or the merged model")
+    p.add_argument("run_id")
+    p.add_argument("--format", required=True, choices=["native", "peft", "merged"])
+    p.add_argument("--out", required=True, help="output directory (relative to the current directory)")
+    p.add_argument("--rank", type=int, help="peft: rank of layers whose factors take one (DyLoRA)")
+    p.add_argument("--svd-rank", type=int, help="peft: convert any mergeable method by truncated SVD at this rank")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object (path, sha256 per file) last")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("import", help="record an exported adapter directory (native or PEFT) as a run")
+    p.add_argument("dir")
+    p.add_argument("--name", help="name of the new run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_import)
     return parser
 
 
