@@ -1,11 +1,11 @@
 """The command line, on the same RunSpec as the dashboard.
 
-    python -m app.cli run SPEC.yaml [--json]     train in this process (no Ray)
-    python -m app.cli submit SPEC.yaml [--seeds 0 1 2]   submit to Ray (local head or RAY_ADDRESS)
-    python -m app.cli ls | show ID | cancel ID | logs ID | methods | models | datasets
-    python -m app.cli analyze ID --kind spectra|importance|landscape [--json]   compute or reuse a stored analysis
-    python -m app.cli export ID --format native|peft|merged --out DIR [--json]  write an adapter or merged model
-    python -m app.cli import DIR [--name NAME]                                  record an exported adapter as a run
+python -m app.cli run SPEC.yaml [--json]     train in this process (no Ray)
+python -m app.cli submit SPEC.yaml [--seeds 0 1 2]   submit to Ray (local head or RAY_ADDRESS)
+python -m app.cli ls | show ID | cancel ID | logs ID | methods | models | datasets
+python -m app.cli analyze ID --kind spectra|importance|landscape [--json]   compute or reuse a stored analysis
+python -m app.cli export ID --format native|peft|merged --out DIR [--json]  write an adapter or merged model
+python -m app.cli import DIR [--name NAME]                                  record an exported adapter as a run
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def cmd_ls(args) -> int:
     reconcile()
     runs = store.list_runs(limit=args.limit)
     if args.json:
-        _print_json([{k: r[k] for k in ("id", "status", "method", "model", "dataset", "seed", "progress")} for r in runs])
+        _print_json(
+            [{k: r[k] for k in ("id", "status", "method", "model", "dataset", "seed", "progress")} for r in runs]
+        )
         return 0
     print(f"{'run id':<30} {'status':<10} {'method':<13} {'model':<14} {'dataset':<17} seed  progress  accuracy")
     for r in runs:
@@ -141,7 +143,7 @@ def cmd_analyze(args) -> int:
     given = {name: getattr(args, name) for name in LANDSCAPE_FLAGS if getattr(args, name) is not None}
     if given and args.kind != "landscape":
         flags = ", ".join(LANDSCAPE_FLAGS[name] for name in given)
-        return _fail(f"{flags} apply to --kind landscape only (this is --kind {args.kind}): drop them")
+        return _fail(f"options {flags} are for --kind landscape only (this is --kind {args.kind}): drop them")
     params = {"kind" if name == "landscape_kind" else name: value for name, value in given.items()}
     try:
         summary = compute_analysis(args.run_id, args.kind, params, force=args.force)

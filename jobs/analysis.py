@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from db import config, store
 
@@ -89,7 +89,11 @@ class LandscapeParams(_Params):
         "2d", description="2-D surface, 1-D slice along a random direction, or the init → trained line"
     )
     grid: int | None = Field(
-        None, ge=2, le=401, description="points per axis (default 11 for 2d, 21 for 1d, 31 for interpolation)"
+        None,
+        ge=2,
+        le=401,
+        validate_default=True,
+        description="points per axis (default 11 for 2d, 21 for 1d, 31 for interpolation)",
     )
     span: float = Field(1.0, gt=0.0, description="2d/1d: coordinates range over [−span, span] (filter-normalised)")
     margin: float = Field(0.25, ge=0.0, le=10.0, description="interpolation: t ranges over [−margin, 1 + margin]")
@@ -100,16 +104,18 @@ class LandscapeParams(_Params):
     )
     chunk_size: int = Field(32, ge=1, le=4096, description="grid points evaluated by one batched (vmap) forward")
 
-    @model_validator(mode="after")
-    def _grid_for_kind(self) -> LandscapeParams:
-        if self.grid is None:
-            self.grid = LANDSCAPE_GRID_DEFAULTS[self.kind]
-        if self.kind != "interpolation" and self.grid % 2 == 0:
+    @field_validator("grid")
+    @classmethod
+    def _grid_for_kind(cls, grid: int | None, info: ValidationInfo) -> int:
+        kind = info.data.get("kind", "2d")
+        if grid is None:
+            return LANDSCAPE_GRID_DEFAULTS[kind]
+        if kind != "interpolation" and grid % 2 == 0:
             raise ValueError(
-                f"grid {self.grid} is even: use an odd grid (e.g. {self.grid + 1}) so that the trained solution "
-                "(coordinate 0) is a grid point"
+                f"{grid} is even: use an odd grid (e.g. {grid + 1}) so that the trained solution (coordinate 0) is a "
+                "grid point"
             )
-        return self
+        return grid
 
     def key(self) -> dict[str, Any]:
         unused = {"span", "seed", "normalization"} if self.kind == "interpolation" else {"margin"}
@@ -133,7 +139,8 @@ def parse_params(kind: str, params: dict[str, Any] | None) -> _Params:
         parts = []
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"])
-            parts.append(f"{kind}.{loc}: {e['msg'].removeprefix('Value error, ')}" if loc else e["msg"])
+            message = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{kind}.{loc}: {message}" if loc else message)
         raise AnalysisError(f"invalid {kind} parameters: " + "; ".join(parts)) from None
 
 
@@ -228,17 +235,17 @@ def _compute_importance(run: dict, _adapter_dir: Path, _params: ImportanceParams
     run_id = run["id"]
     tables: dict[str, pd.DataFrame] = {}
     sources: dict[str, str] = {}
-    for kind in ("method_analysis", "norm_profile"):
-        rows = store.list_artifacts(run_id, kind)
+    for source in ("method_analysis", "norm_profile"):
+        rows = store.list_artifacts(run_id, source)
         if not rows:
             continue
         path = Path(rows[-1]["path"])
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise AnalysisError(f"run {run_id}: artifact {kind} ({path}) cannot be read: {err}") from None
-        sources[kind] = str(path)
-        if kind == "method_analysis":
+            raise AnalysisError(f"run {run_id}: artifact {source} ({path}) cannot be read: {err}") from None
+        sources[source] = str(path)
+        if source == "method_analysis":
             tables |= artifact_tables(data)
         else:
             tables["norm_profile"] = norm_profile_table(data)
@@ -446,9 +453,9 @@ def _last_progress_step(run_id: str, kind: str) -> int:
 
 
 def _entrypoint(run_id: str, kind: str, params: dict[str, Any]) -> str:
-    from jobs.runs import _entrypoint as worker_entrypoint
+    from jobs.runs import worker_python
 
-    python = worker_entrypoint(run_id).split(" -m ", 1)[0]  # the interpreter jobs.runs picks for this cluster
+    python = worker_python()
     return (
         f"{python} -m jobs.analysis --run-id {shlex.quote(run_id)} --kind {shlex.quote(kind)} "
         f"--params {shlex.quote(json.dumps(params))}"
@@ -462,7 +469,7 @@ def submit_analysis(run_id: str, kind: str, params: dict[str, Any] | None = None
     """
     from engine.spec import parse_spec
     from jobs import cluster
-    from jobs.runs import _runtime_env
+    from jobs.runs import runtime_env
 
     parsed = parse_params(kind, params)
     run, _ = trained_run(run_id)
@@ -476,7 +483,7 @@ def submit_analysis(run_id: str, kind: str, params: dict[str, Any] | None = None
         submission_id=job_id,
         entrypoint_num_cpus=resources.num_cpus,
         entrypoint_num_gpus=resources.num_gpus,
-        runtime_env=_runtime_env(),
+        runtime_env=runtime_env(),
         metadata={
             "peftlab_run_id": run_id,
             "peftlab_analysis": kind,

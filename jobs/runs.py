@@ -17,7 +17,8 @@ from jobs import cluster
 UPLOAD_EXCLUDES = [".venv", ".git", ".peftlab", "tests/artifacts", "**/__pycache__", "docs/*.png", "*.safetensors"]
 
 
-def _runtime_env() -> dict[str, Any]:
+def runtime_env() -> dict[str, Any]:
+    """Environment of every PEFT Lab job: where the database and artifacts are, and the code."""
     env_vars = {
         "PEFTLAB_DB_URL": config.db_url(),
         "PEFTLAB_ARTIFACTS": str(config.artifacts_root()),
@@ -31,10 +32,9 @@ def _runtime_env() -> dict[str, Any]:
     return {"working_dir": str(config.PROJECT_ROOT), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars}
 
 
-def _entrypoint(run_id: str) -> str:
-    # The local head shares this interpreter; a remote cluster uses its own ``python``.
-    python = sys.executable if cluster.is_local() else os.environ.get("PEFTLAB_WORKER_PYTHON", "python")
-    return f"{python} -m jobs.worker --run-id {run_id}"
+def worker_python() -> str:
+    """The interpreter jobs run with: this one on the local head, the cluster's ``python`` elsewhere."""
+    return sys.executable if cluster.is_local() else os.environ.get("PEFTLAB_WORKER_PYTHON", "python")
 
 
 def submit_run(spec: RunSpec | dict) -> str:
@@ -43,11 +43,11 @@ def submit_run(spec: RunSpec | dict) -> str:
     run_id = store.create_run(spec.model_dump(mode="json"), executor="ray")
     try:
         cluster.job_client().submit_job(
-            entrypoint=_entrypoint(run_id),
+            entrypoint=f"{worker_python()} -m jobs.worker --run-id {run_id}",
             submission_id=run_id,
             entrypoint_num_cpus=spec.resources.num_cpus,
             entrypoint_num_gpus=spec.resources.num_gpus,
-            runtime_env=_runtime_env(),
+            runtime_env=runtime_env(),
             metadata={"peftlab_method": spec.method.name, "peftlab_model": spec.model},
         )
     except Exception as err:  # noqa: BLE001 - whatever Ray says, keep the run and say why it failed
