@@ -468,8 +468,7 @@ def submit_analysis(run_id: str, kind: str, params: dict[str, Any] | None = None
     The run and the parameters are checked here, so a bad request fails at once rather than in the job.
     """
     from engine.spec import parse_spec
-    from jobs import cluster
-    from jobs.runs import runtime_env
+    from jobs.runs import runtime_env, submit_job
 
     parsed = parse_params(kind, params)
     run, _ = trained_run(run_id)
@@ -478,7 +477,7 @@ def submit_analysis(run_id: str, kind: str, params: dict[str, Any] | None = None
     entrypoint = _entrypoint(run_id, kind, parsed.model_dump(mode="json"))
     if force:
         entrypoint += " --force"
-    cluster.job_client().submit_job(
+    submit_job(
         entrypoint=entrypoint,
         submission_id=job_id,
         entrypoint_num_cpus=resources.num_cpus,

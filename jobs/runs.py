@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 from db import config, store
@@ -37,12 +38,24 @@ def worker_python() -> str:
     return sys.executable if cluster.is_local() else os.environ.get("PEFTLAB_WORKER_PYTHON", "python")
 
 
+def submit_job(retry_s: float = 60.0, **kwargs: Any) -> str:
+    """``JobSubmissionClient.submit_job``, retried while a just-started head has no job agent yet."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return cluster.job_client().submit_job(**kwargs)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def submit_run(spec: RunSpec | dict) -> str:
     """Record a queued run, then hand it to Ray. If Ray refuses, the run is failed with Ray's reason."""
     spec = parse_spec(spec)
     run_id = store.create_run(spec.model_dump(mode="json"), executor="ray")
     try:
-        cluster.job_client().submit_job(
+        submit_job(
             entrypoint=f"{worker_python()} -m jobs.worker --run-id {run_id}",
             submission_id=run_id,
             entrypoint_num_cpus=spec.resources.num_cpus,
