@@ -87,6 +87,12 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+# ``wall``: elapsed time. ``cpu``: CPU time of this process (all its threads), which a busy machine inflates far
+# less than wall time when torch runs one thread (with several, OpenMP's spin-waiting for a descheduled thread
+# is counted too); meaningless for CUDA, where the work is on the GPU.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def interleaved_times(
     contenders: dict[str, Callable[[], object]],
     *,
@@ -94,12 +100,14 @@ def interleaved_times(
     inner: int = 1,
     warmup: int = 1,
     sync: Callable[[], None] = lambda: None,
+    clock: str = "wall",
 ) -> dict[str, list[float]]:
-    """Seconds per call of each contender in each repetition (mean over ``inner`` calls).
+    """Seconds per call of each contender in each repetition (mean over ``inner`` calls), on ``CLOCKS[clock]``.
 
     Every contender runs ``warmup`` untimed calls first. In repetition k the contenders run in the order
     rotated by k, so none is always first (first after another's run may find caches cold).
     """
+    now = CLOCKS[clock]
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
@@ -111,11 +119,11 @@ def interleaved_times(
         for name in names[shift:] + names[:shift]:
             fn = contenders[name]
             sync()
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(inner):
                 fn()
             sync()
-            times[name].append((time.perf_counter() - t0) / inner)
+            times[name].append((now() - t0) / inner)
     return times
 
 

@@ -1,0 +1,127 @@
+"""Compare: filter runs, accuracy against trainable parameters with the Pareto front, learning curves as mean ± std
+over seeds, a table of the runs with their (differing) configs, time per step and peak memory."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app import charts
+from app.analysis_common import display_table, runs_frame
+from db import store
+from engine.analysis.compare import (
+    differences_only,
+    export_csv,
+    filter_runs,
+    flatten,
+    learning_curves,
+    method_summary,
+    pareto_front,
+    pareto_mask,
+)
+
+st.title("⚖️ Compare runs")
+runs = store.list_runs(limit=None)
+if not runs:
+    st.info("No runs yet: launch some on the Launch page, then compare them here.")
+    st.stop()
+frame = runs_frame(runs)
+
+
+def options(column: str) -> list:
+    return sorted(frame[column].dropna().unique().tolist())
+
+
+c = st.columns(6)
+methods = c[0].multiselect("Method", options("method"), key="f_method")
+models = c[1].multiselect("Model", options("model"), key="f_model")
+datasets = c[2].multiselect("Dataset", options("dataset"), key="f_dataset")
+experiments = c[3].multiselect("Experiment", options("experiment"), key="f_experiment")
+tags = c[4].multiselect("Tags (all of)", sorted({t for ts in frame["tags"] for t in ts}), key="f_tags")
+statuses = c[5].multiselect("Status", options("status"), default=["succeeded"], key="f_status")
+
+filtered = filter_runs(
+    frame, methods=methods or None, models=models or None, datasets=datasets or None, tags=tags or None,
+    status=statuses or None,
+)  # fmt: skip
+if experiments:
+    filtered = filtered[filtered["experiment"].isin(experiments)]
+if filtered.empty:
+    st.info("No run matches these filters: widen them (e.g. clear the status filter).")
+    st.stop()
+labels = dict(zip(frame["run_id"], frame["label"]))
+candidates = filtered["run_id"].tolist()
+# Keyed by the candidates, so that changing a filter starts again from all the runs it lets through.
+chosen_ids = st.multiselect(
+    "Runs", candidates, default=candidates, format_func=labels.get, key=f"runs_{hash(tuple(candidates))}"
+)
+if not chosen_ids:
+    st.info("No run selected.")
+    st.stop()
+group = st.selectbox(
+    "Group by", ["method", "name", "model", "dataset", "experiment"], key="group",
+    help="curves and bars average the runs of each group (e.g. the seeds of one method)",
+)  # fmt: skip
+# Sorted by group, so every figure meets the groups in the same order and gives each the same colour.
+chosen = filtered[filtered["run_id"].isin(chosen_ids)].sort_values([group, "run_id"], kind="stable")
+group_order = {name: i for i, name in enumerate(dict.fromkeys(chosen[group]))}
+
+# --- accuracy vs trainable parameters ---------------------------------------------------------------
+st.subheader("Accuracy vs trainable parameters")
+scored = chosen.dropna(subset=["eval_accuracy", "trainable_params"])
+if scored.empty:
+    st.info("None of these runs has both a final eval accuracy and a trainable-parameter count yet.")
+else:
+    log_x = st.checkbox("log-scale parameters", value=True, key="pareto_log")
+    front = pareto_front(scored)
+    st.plotly_chart(charts.pareto_chart(scored, front, color=group, log_x=log_x), key="pareto")
+    st.caption(f"Pareto front: {', '.join(front['label'])}")
+
+# --- learning curves ---------------------------------------------------------------------------------
+st.subheader("Learning curves (mean ± std over the runs of each group)")
+metrics = store.get_metrics(chosen["run_id"].tolist())
+keys = sorted(set(metrics["key"])) if not metrics.empty else []
+eval_keys = [k for k in keys if k.startswith("eval_")]
+train_keys = [k for k in keys if k.startswith("train_")]
+if not eval_keys and not train_keys:
+    st.info("These runs have logged no metrics yet.")
+else:
+    c = st.columns(4)
+    eval_key = c[0].selectbox("Eval metric", eval_keys, key="eval_key") if eval_keys else None
+    train_key = c[1].selectbox("Train metric", train_keys, key="train_key") if train_keys else None
+    smoothing = c[2].slider("Smoothing (EMA weight)", 0.0, 0.95, 0.0, 0.05, key="smoothing")
+    log_y = c[3].checkbox("log-scale values", value=False, key="curves_log")
+    left, right = st.columns(2)
+    for column, key in ((left, eval_key), (right, train_key)):
+        if key is None:
+            continue
+        curves = learning_curves(metrics, chosen, key, group=group, smoothing=smoothing)
+        curves = curves.sort_values("group", key=lambda g: g.map(group_order), kind="stable")
+        fig = charts.learning_curve_bands(curves, log_y=log_y, title=key, y_title=key)
+        column.plotly_chart(fig, key=f"curves_{key}")
+
+# --- table -------------------------------------------------------------------------------------------
+st.subheader("Runs")
+diff_only = st.toggle("Config: differences only", value=True, key="diff_only")
+chosen["pareto"] = pareto_mask(chosen)
+summary_columns = ["run_id", "label", "method", "model", "dataset", "seed", "status", "eval_accuracy", "eval_loss",
+                   "trainable_params", "ms_per_step", "peak_rss_mb", "pareto"]  # fmt: skip
+if diff_only:
+    config = differences_only(chosen)
+else:
+    config = pd.DataFrame([flatten(s) for s in chosen["spec"]], index=chosen["run_id"].tolist())
+config.columns = [f"spec.{c}" for c in config.columns]
+table = chosen[summary_columns].set_index("run_id").join(config)
+table.index.name = "run_id"
+st.dataframe(display_table(table), width="stretch", key="runs_table")
+st.download_button("Download table (CSV)", export_csv(table), file_name="comparison.csv", mime="text/csv",
+                   key="csv")  # fmt: skip
+
+# --- resources ---------------------------------------------------------------------------------------
+st.subheader("Time per step and peak memory (mean ± std per group)")
+measured = chosen.dropna(subset=["ms_per_step", "peak_rss_mb"], how="all")
+if measured.empty:
+    st.info("No timings yet: they are recorded when a run finishes.")
+else:
+    summary = method_summary(measured, columns=("ms_per_step", "peak_rss_mb"), group=group)
+    st.plotly_chart(charts.resource_bars(summary, group=group), key="resources")
