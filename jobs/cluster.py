@@ -132,6 +132,11 @@ def start_local_head(num_cpus: int | None = None, num_gpus: int | None = None) -
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]  # fmt: skip
+    # Ray's fixed default ports (agent HTTP 52365, client server 10001, ...) collide when a second head runs
+    # on the same machine (another user, a test suite): take free ports for every listener we start.
+    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                 "runtime-env-agent-port", "ray-client-server-port"):  # fmt: skip
+        cmd.append(f"--{flag}={_free_port()}")
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
