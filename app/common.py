@@ -123,11 +123,14 @@ def parse_seeds(text: str) -> list[int]:
     for part in text.replace(" ", "").split(","):
         if not part:
             continue
-        if "-" in part[1:]:
-            lo, hi = part.split("-", 1)
-            seeds.extend(range(int(lo), int(hi) + 1))
-        else:
-            seeds.append(int(part))
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                seeds.extend(range(int(lo), int(hi) + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise ValueError(f"train.seeds: {part!r} is not a seed; write e.g. '0' or '0, 1, 2' or '0-4'") from None
     if not seeds:
         raise ValueError("train.seeds: give at least one seed, e.g. '0' or '0, 1, 2' or '0-4'")
     return seeds

@@ -253,11 +253,6 @@ def test_launch_with_unparseable_seeds_shows_an_error_and_creates_no_run(offline
     assert store.list_runs(limit=None) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app.common.parse_seeds lets int()'s message through ('invalid literal for int()...'), "
-    "which does not say which field is wrong",
-)
 def test_launch_seed_error_names_the_seeds_field(offline_lab):
     at = open_page("launch")
     fill_launch_form(at, seeds="x")
