@@ -77,6 +77,7 @@ if on_ray:
     try:
         jobs[run_id] = submit_analysis(run_id, "landscape", params, force=force)
         failures.pop(run_id, None)
+        st.rerun()  # redraw with the button disabled and the progress bar showing
     except (AnalysisError, ExportError) as err:
         st.error(str(err))
     except Exception as err:  # noqa: BLE001 - Ray unreachable or refusing: say so, the page stays usable
