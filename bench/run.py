@@ -81,7 +81,7 @@ ANALYSIS_NAMES = {"a": "ΔW spectra: via factors / via full SVD", "b": "2-D land
 
 def run_analysis(s: Settings) -> list[Figure]:
     """``bench/bench_analysis.py`` in a child process; its two report lines become two figures."""
-    cmd = [sys.executable, ANALYSIS_SCRIPT, "--reps", str(s.count(3, 5)), "--device", s.device.type]
+    cmd = [sys.executable, ANALYSIS_SCRIPT, "--reps", str(s.count(2, 5)), "--device", s.device.type]
     if s.threads:
         cmd += ["--threads", str(s.threads)]
     if s.quick:

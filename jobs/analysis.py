@@ -482,7 +482,7 @@ def submit_analysis(run_id: str, kind: str, params: dict[str, Any] | None = None
         submission_id=job_id,
         entrypoint_num_cpus=resources.num_cpus,
         entrypoint_num_gpus=resources.num_gpus,
-        runtime_env=runtime_env(),
+        runtime_env=runtime_env(threads=resources.num_cpus),
         metadata={
             "peftlab_run_id": run_id,
             "peftlab_analysis": kind,

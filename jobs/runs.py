@@ -18,8 +18,12 @@ from jobs import cluster
 UPLOAD_EXCLUDES = [".venv", ".git", ".peftlab", "tests/artifacts", "**/__pycache__", "docs/*.png", "*.safetensors"]
 
 
-def runtime_env() -> dict[str, Any]:
-    """Environment of every PEFT Lab job: where the database and artifacts are, and the code."""
+def runtime_env(threads: float | None = None) -> dict[str, Any]:
+    """Environment of every PEFT Lab job: where the database and artifacts are, and the code.
+
+    ``threads`` caps the job's CPU threads (OpenMP, MKL, torch) at the CPUs Ray reserved for it, so jobs sharing a
+    node do not oversubscribe its cores.
+    """
     env_vars = {
         "PEFTLAB_DB_URL": config.db_url(),
         "PEFTLAB_ARTIFACTS": str(config.artifacts_root()),
@@ -27,6 +31,8 @@ def runtime_env() -> dict[str, Any]:
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if threads:
+        env_vars["OMP_NUM_THREADS"] = env_vars["MKL_NUM_THREADS"] = str(max(1, int(threads)))
     if cluster.is_local():
         env_vars["PYTHONPATH"] = str(config.PROJECT_ROOT)
         return {"env_vars": env_vars}
@@ -60,7 +66,7 @@ def submit_run(spec: RunSpec | dict) -> str:
             submission_id=run_id,
             entrypoint_num_cpus=spec.resources.num_cpus,
             entrypoint_num_gpus=spec.resources.num_gpus,
-            runtime_env=runtime_env(),
+            runtime_env=runtime_env(threads=spec.train.num_threads or spec.resources.num_cpus),
             metadata={"peftlab_method": spec.method.name, "peftlab_model": spec.model},
         )
     except Exception as err:  # noqa: BLE001 - whatever Ray says, keep the run and say why it failed
