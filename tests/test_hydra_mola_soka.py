@@ -347,3 +347,25 @@ def test_trains_through_the_loop_and_reloads(method, tmp_path):
     metrics = evaluate(prep.model, prep.data.eval, 32, prep.device)
     assert metrics["eval_loss"] == pytest.approx(result.final_metrics["eval_loss"], abs=1e-5)
     assert result.adapter_params == prep.method.adapter_param_count(prep.model)
+
+
+@pytest.mark.parametrize("rank", [1, 8])
+def test_soka_dense_and_vec_trick_routes_agree_in_value_and_gradient(rank):
+    """The forward picks the cheaper route by its FLOP count; both must give the same output and gradients."""
+    torch.manual_seed(0)
+    layer = SoKALinear(nn.Linear(96, 64), kronecker_factor_shapes(64, 96), rank)
+    x = torch.randn(5, 7, 96, requires_grad=True)
+    outputs, grads = [], []
+    for dense in (True, False):
+        layer.uses_dense_path = lambda dense=dense: dense  # force the route on this instance
+        out = layer(x)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append([t.grad.clone() for t in (x, layer.soka_U, layer.soka_V)])
+        for t in (x, layer.soka_U, layer.soka_V):
+            t.grad = None
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    del layer.uses_dense_path
+    assert layer.uses_dense_path() == (rank == 8)  # 96 = 8·12, 64 = 8·8: r·n1·m2·(n2+m1) vs d_out·d_in / 4
