@@ -82,11 +82,12 @@ def trained_runs() -> list[dict]:
 
 
 def pick_runs(runs: list[dict], key: str, label: str = "Runs", max_default: int = 2) -> list[str]:
-    """A multiselect of runs; defaults to the ``?run=`` query parameter, else the newest ``max_default``."""
+    """A multiselect of runs; defaults to the ``?run=`` query parameter (one id, or several separated by commas),
+    else the newest ``max_default``."""
     ids = [r["id"] for r in runs]
     labels = {r["id"]: run_label(r) for r in runs}
-    wanted = st.query_params.get("run")
-    default = [wanted] if wanted in ids else ids[:max_default]
+    wanted = [w for w in (st.query_params.get("run") or "").split(",") if w in ids]
+    default = wanted or ids[:max_default]
     return st.multiselect(label, ids, default=default, format_func=labels.get, key=key)
 
 

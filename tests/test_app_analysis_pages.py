@@ -223,6 +223,11 @@ def test_spectra_compute_then_open_from_the_stored_artifact(lab):
     # A new session draws the stored spectra without computing anything.
     again = open_page("spectra", run=lora_ids[0])
     assert "spectra_heatmap" in charts(again) and not again.info
+    assert again.multiselect(key="spectra_runs").value == [lora_ids[0]]
+    # Several runs by URL, as a shared link to an overlay: ?run=ID1,ID2 (unknown ids are dropped).
+    both = open_page("spectra", run=",".join([lora_ids[1], "run-unknown", lora_ids[0]]))
+    assert both.multiselect(key="spectra_runs").value == [lora_ids[1], lora_ids[0]]
+    assert len(charts(both)["spectra_overlay"]["data"]) == 2
 
 
 # --- importance ----------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ def test_submit_cancel_fail_and_reconcile(ray_lab):
     assert ray_status(long_run) == "STOPPED"
     assert ray_status(bad_run) == "FAILED"
     assert reconcile() == {}
+    # Each job's CPU threads are capped at the CPUs Ray reserved for it (num_cpus 1 in tiny_spec).
+    assert client.get_job_info(ok_runs[0]).runtime_env["env_vars"]["OMP_NUM_THREADS"] == "1"
 
 
 def test_reconcile_fails_runs_ray_does_not_know(ray_lab):
