@@ -106,6 +106,46 @@ def cmd_logs(args) -> int:
     return 0
 
 
+def summary_table(runs: list[dict]) -> list[dict]:
+    """One row per (model, dataset, run name): mean ± std over its succeeded runs (seeds) of the final validation
+    accuracy, with trainable parameters, ms/step and peak memory."""
+    from app.analysis_common import runs_frame
+    from engine.analysis.compare import method_summary
+
+    frame = runs_frame([r for r in runs if r["status"] == "succeeded"])
+    if frame.empty:
+        return []
+    frame["group"] = frame["model"] + " · " + frame["dataset"] + " · " + frame["name"]
+    stats = method_summary(frame, group="group")
+    first = frame.drop_duplicates("group").set_index("group")
+    rows = []
+    for _, row in stats.iterrows():
+        meta = first.loc[row["group"]]
+        rows.append({
+            "model": meta["model"], "dataset": meta["dataset"], "name": meta["name"], "method": meta["method"],
+            "runs": int(row["eval_accuracy_count"]),
+            "accuracy": row["eval_accuracy_mean"], "accuracy_std": row["eval_accuracy_std"],
+            "trainable_params": int(row["trainable_params_mean"]),
+            "ms_per_step": row["ms_per_step_mean"], "peak_rss_mb": row["peak_rss_mb_mean"],
+        })  # fmt: skip
+    return rows
+
+
+def cmd_summary(args) -> int:
+    rows = summary_table(store.list_runs(experiment=args.experiment, limit=None))
+    if args.json:
+        _print_json(rows)
+        return 0
+    header = "| model | dataset | run | seeds | validation accuracy | trainable params | ms/step | peak RSS (MiB) |"
+    print(header)
+    print("|" + "---|" * header.count(" | ") + "---|")
+    for r in rows:
+        spread = f" ± {r['accuracy_std']:.3f}" if r["runs"] > 1 else ""
+        print(f"| {r['model']} | {r['dataset']} | {r['name']} | {r['runs']} | {r['accuracy']:.3f}{spread} | "
+              f"{r['trainable_params']:,} | {r['ms_per_step']:.0f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
+    return 0
+
+
 def cmd_methods(_args) -> int:
     from engine.methods import method_names
 
@@ -243,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     p.add_argument("--tail", type=int, default=100)
     p.set_defaults(func=cmd_logs)
+    p = sub.add_parser("summary", help="mean ± std over seeds per model, dataset and run name (markdown table)")
+    p.add_argument("--experiment", help="only runs of this experiment")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    p.set_defaults(func=cmd_summary)
     sub.add_parser("methods", help="registered method names").set_defaults(func=cmd_methods)
     sub.add_parser("models", help="bundled model aliases").set_defaults(func=cmd_models)
     sub.add_parser("datasets", help="bundled datasets").set_defaults(func=cmd_datasets)

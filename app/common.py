@@ -91,7 +91,9 @@ def config_form(config_cls: type[BaseModel], key_prefix: str) -> dict[str, Any]:
         elif origin is typing.Literal:
             options = list(typing.get_args(ann))
             values[name] = st.selectbox(label, options, index=options.index(default), help=help_, key=key)
-        elif name == "target_roles" or (origin is list and typing.get_args(ann) == (str,) and set(default or []) <= set(ROLES)):
+        elif name == "target_roles" or (
+            origin is list and typing.get_args(ann) == (str,) and set(default or []) <= set(ROLES)
+        ):
             values[name] = st.multiselect(label, list(ROLES), default=default, help=help_, key=key)
         elif ann is int and not optional:
             values[name] = int(st.number_input(label, value=int(default), step=1, help=help_, key=key))

@@ -97,7 +97,8 @@ def _read_user_file(spec: DatasetSpec) -> RawData:
     path = Path(spec.name)
     if not path.is_file():
         raise DataError(
-            f"dataset.name {spec.name!r} is neither a bundled dataset ({', '.join(BUNDLED)}) nor an existing .csv/.jsonl file"
+            f"dataset.name {spec.name!r} is neither a bundled dataset ({', '.join(BUNDLED)}) "
+            "nor an existing .csv/.jsonl file"
         )
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:

@@ -298,8 +298,14 @@ def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: boo
                 raise Cancelled(f"stopped at step {step}")
         # Checkpoint at each epoch end: trainable and adapter tensors (frozen ones too, e.g. Pear's knowledge
         # checkpoint), optimizer and method state, so a resumed run continues exactly.
-        torch.save({"trainable": _trainable_state(model) | method.adapter_state_dict(model), "optimizer": optimizer.state_dict(), "step": step,
-                    "epoch": epoch + 1, "method_state": method.state()}, ckpt_path)  # fmt: skip
+        checkpoint = {
+            "trainable": _trainable_state(model) | method.adapter_state_dict(model),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "epoch": epoch + 1,
+            "method_state": method.state(),
+        }
+        torch.save(checkpoint, ckpt_path)
         if step >= total_steps:
             break
 
@@ -330,6 +336,7 @@ def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: boo
         timings["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return TrainResult(
         status="succeeded", final_metrics=final, trainable_params=trainable, total_params=total,
-        adapter_params=method.adapter_param_count(model), device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
+        adapter_params=method.adapter_param_count(model),
+        device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
         steps=step, timings=timings, artifacts=artifacts, majority_rate=data.majority_rate(),
     )  # fmt: skip

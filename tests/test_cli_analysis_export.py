@@ -216,3 +216,28 @@ def test_analysis_job_main_writes_progress_rows(lab_env, tmp_path, capsys):
     # The Ray entrypoint survives the shell: the parameters come back as sent.
     words = shlex.split(analysis._entrypoint(run_id, "landscape", {"kind": "1d", "note": "it's"}))
     assert words[-6:] == ["--run-id", run_id, "--kind", "landscape", "--params", '{"kind": "1d", "note": "it\'s"}']
+
+
+def test_summary_groups_seeds_with_mean_and_std(lab_env, capsys):
+    """``summary`` averages the final accuracy over the seeds of one run name and leaves failed runs out."""
+    accuracies = {0: 0.5, 1: 0.7}
+    for seed, accuracy in accuracies.items():
+        run_id = store.create_run(parse_spec(tiny_spec(name="sum-lora", train={"seed": seed})).model_dump(mode="json"))
+        store.update_run(run_id, trainable_params=100, total_params=1000)
+        summary = {"final_metrics": {"eval_accuracy": accuracy}, "timings": {"ms_per_step": 10.0 * (seed + 1),
+                                                                             "peak_rss_mb": 500.0}}  # fmt: skip
+        store.finish_run(run_id, "succeeded", summary=summary)
+    failed = store.create_run(parse_spec(tiny_spec(name="sum-lora", train={"seed": 2})).model_dump(mode="json"))
+    store.finish_run(failed, "failed", error="boom")
+
+    assert main(["summary", "--json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1]) if r["name"] == "sum-lora"]
+    assert len(rows) == 1 and rows[0]["runs"] == 2
+    assert rows[0]["accuracy"] == pytest.approx(0.6) and rows[0]["accuracy_std"] == pytest.approx(
+        np.std([0.5, 0.7], ddof=1)
+    )
+    assert rows[0]["ms_per_step"] == pytest.approx(15.0) and rows[0]["trainable_params"] == 100
+
+    assert main(["summary"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "sum-lora" in x)
+    assert "| 2 | 0.600 ± 0.141 | 100 | 15 | 500 |" in line

@@ -19,10 +19,16 @@ CUSTOM = "other (hub id, local directory or timm/<name>)"
 left, right = st.columns(2)
 with left:
     st.subheader("Model and data")
-    model_choice = st.selectbox("Model", [*MODELS, CUSTOM], format_func=lambda m: m if m == CUSTOM else f"{m}: {MODELS[m]}")
+    model_choice = st.selectbox(
+        "Model", [*MODELS, CUSTOM], format_func=lambda m: m if m == CUSTOM else f"{m}: {MODELS[m]}"
+    )
     model = st.text_input("Model name or path", "", key="custom_model") if model_choice == CUSTOM else model_choice
-    trust_remote_code = st.checkbox("trust_remote_code", value=False, help="Run code shipped with a hub model (off by default)")
-    data_choice = st.selectbox("Dataset", [*DATASETS, "file"], format_func=lambda d: d if d == "file" else f"{d}: {DATASETS[d]}")
+    trust_remote_code = st.checkbox(
+        "trust_remote_code", value=False, help="Run code shipped with a hub model (off by default)"
+    )
+    data_choice = st.selectbox(
+        "Dataset", [*DATASETS, "file"], format_func=lambda d: d if d == "file" else f"{d}: {DATASETS[d]}"
+    )
     dataset = st.text_input("CSV/JSONL path", "", key="data_path") if data_choice == "file" else data_choice
     c1, c2, c3 = st.columns(3)
     max_train = c1.number_input("max train examples", min_value=1, value=2000, step=100)
@@ -60,8 +66,18 @@ def build_specs() -> list[dict]:
         "tags": [t.strip() for t in tags.split(",") if t.strip()],
         "model": model,
         "trust_remote_code": trust_remote_code,
-        "dataset": {"name": dataset, "max_train": int(max_train), "max_eval": int(max_eval), "max_length": int(max_length)},
-        "train": {"epochs": int(epochs), "max_steps": int(max_steps) or None, "batch_size": int(batch_size), "lr": float(lr)},
+        "dataset": {
+            "name": dataset,
+            "max_train": int(max_train),
+            "max_eval": int(max_eval),
+            "max_length": int(max_length),
+        },
+        "train": {
+            "epochs": int(epochs),
+            "max_steps": int(max_steps) or None,
+            "batch_size": int(batch_size),
+            "lr": float(lr),
+        },
         "resources": {"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)},
     }
     return [base | {"name": name, "method": {"name": name, **params}} for name, params in method_params.items()]

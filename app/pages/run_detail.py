@@ -27,8 +27,11 @@ def detail() -> None:
     c[1].metric("progress", f"{(run['progress'] or 0):.0%}")
     c[2].metric("elapsed", format_duration(elapsed_s(run)) or "-")
     acc = (summary.get("final_metrics") or {}).get("eval_accuracy")
-    c[3].metric("eval accuracy", "-" if acc is None else f"{acc:.4f}",
-                help=f"majority-class rate {summary['majority_rate']:.4f}" if summary.get("majority_rate") else None)
+    c[3].metric(
+        "eval accuracy",
+        "-" if acc is None else f"{acc:.4f}",
+        help=f"majority-class rate {summary['majority_rate']:.4f}" if summary.get("majority_rate") else None,
+    )
     tp, total = run["trainable_params"], run["total_params"]
     c[4].metric("trainable / total", "-" if tp is None else f"{tp:,} / {total:,}",
                 help=None if tp is None else f"{100 * tp / total:.3f}% trainable")  # fmt: skip

@@ -1,0 +1,105 @@
+"""Screenshots of every dashboard view, for the docs: ``python scripts/screenshots.py --url URL --out DIR``.
+
+Point it at a running dashboard (``./run_app.sh``) whose database holds finished runs. It picks the runs to show
+from that database (the newest succeeded run of each method), opens every page in headless Chromium and saves
+one full-page PNG per view. Views that need a computed analysis (spectra, landscape) show it only when it is
+stored: compute those first with ``python -m app.cli analyze``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from db import store  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+WIDTH, HEIGHT = 1400, 1000
+
+
+def newest_by_method() -> dict[str, list[str]]:
+    """Succeeded run ids per method, newest first."""
+    runs: dict[str, list[str]] = {}
+    for run in store.list_runs():
+        if run["status"] == "succeeded":
+            runs.setdefault(run["method"], []).append(run["id"])
+    return runs
+
+
+def views(runs: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """(file name, page path with query) for every view worth a picture."""
+    first = lambda method: (runs.get(method) or [None])[0]  # noqa: E731
+    lora = first("lora")
+    overlay = [r for r in (lora, first("neat"), first("full")) if r]
+    pages = [("launch", ""), ("runs", "runs"), ("compare", "compare")]
+    if lora:
+        pages += [("run_detail", f"run_detail?run={lora}"), ("landscape", f"landscape?run={lora}"),
+                  ("export", f"export?run={lora}")]  # fmt: skip
+    if overlay:
+        pages.append(("spectra", f"spectra?run={','.join(overlay)}"))
+    for method in ("heat", "pear", "lily"):
+        if first(method):
+            pages.append((f"importance_{method}", f"importance?run={first(method)}"))
+    return pages
+
+
+def settle(page, quiet_s: float = 1.0, timeout_s: float = 120.0) -> None:
+    """Wait until Streamlit has been idle (no running script, no stale element) for ``quiet_s``."""
+    running = page.locator('[data-testid="stStatusWidget"]')
+    stale = page.locator('[data-testid="stElementContainer"][data-stale="true"]')
+    deadline, quiet_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        if (running.count() and running.first.is_visible()) or stale.count():
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{page.url} kept running for {timeout_s} s")
+
+
+def shoot(url: str, out: Path, only: set[str] | None) -> list[Path]:
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    saved = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}).new_page()
+        for name, path in views(newest_by_method()):
+            if only and name not in only:
+                continue
+            page.set_viewport_size({"width": WIDTH, "height": HEIGHT})
+            page.goto(f"{url.rstrip('/')}/{path}")
+            page.locator('[data-testid="stMain"] h1').first.wait_for(timeout=120_000)
+            settle(page)
+            # Streamlit scrolls its main block, not the document: grow the viewport to the content first.
+            height = page.evaluate("document.querySelector('[data-testid=\"stMainBlockContainer\"]').scrollHeight")
+            page.set_viewport_size({"width": WIDTH, "height": max(HEIGHT, int(height) + 120)})
+            page.wait_for_timeout(800)
+            settle(page)
+            target = out / f"{name}.png"
+            page.screenshot(path=str(target), full_page=True)
+            saved.append(target)
+            print(target, flush=True)
+        browser.close()
+    return saved
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8501")
+    parser.add_argument("--out", default="docs/screenshots", type=Path)
+    parser.add_argument("--only", default="", help="comma-separated view names (default: all)")
+    args = parser.parse_args(argv)
+    shoot(args.url, args.out, set(filter(None, args.only.split(","))) or None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
