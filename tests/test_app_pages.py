@@ -365,6 +365,9 @@ def test_run_detail_shows_spec_metrics_curves_and_artifacts(offline_lab):
         100,
         store.sha256_file(Path(artifact["path"])),
     )
+    # The stored adapter downloads from here; the Export page (linked) makes the other formats.
+    assert [b.key for b in at.get("download_button")] == ["dl_spec", "dl_adapter"]
+    assert any(f"(export?run={run_id})" in m.value for m in at.markdown)
 
 
 def test_run_detail_of_a_failed_run_shows_its_error_and_no_cancel(offline_lab):

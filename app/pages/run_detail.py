@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 import yaml
@@ -16,6 +18,22 @@ run_id = selected_run_id(runs)
 if run_id is None:
     st.info("No runs yet.")
     st.stop()
+
+
+DOWNLOADABLE = ("adapter", "adapter_config")  # the trained adapter as stored (native layout)
+
+
+def downloads(run_id: str, arts: list[dict]) -> None:
+    """Download buttons for the stored adapter files (read when clicked) and a link to the Export page."""
+    files = [a for a in arts if a["kind"] in DOWNLOADABLE and Path(a["path"]).is_file()]
+    for a in files:
+        name = Path(a["path"]).name
+        st.download_button(
+            f"Download {name}", data=lambda path=a["path"]: Path(path).read_bytes(), file_name=f"{run_id}-{name}",
+            on_click="ignore", key=f"dl_{a['kind']}", help=f"sha256 {a['sha256']}",
+        )  # fmt: skip
+    if files:
+        st.markdown(f"[Export as native, PEFT LoRA or merged model, zipped →](export?run={run_id})")
 
 
 @st.fragment(run_every=3.0)
@@ -70,6 +88,7 @@ def detail() -> None:
         arts = store.list_artifacts(run_id)
         if arts:
             st.dataframe(pd.DataFrame(arts)[["kind", "path", "bytes", "sha256"]], hide_index=True, width="stretch")
+        downloads(run_id, arts)
     from jobs.runs import job_logs
 
     with st.expander("Log (tail)", expanded=run["status"] == "failed"):
