@@ -63,6 +63,18 @@ def settle(page, quiet_s: float = 1.0, timeout_s: float = 120.0) -> None:
     raise TimeoutError(f"{page.url} kept running for {timeout_s} s")
 
 
+def full_page_screenshot(page, path: Path, width: int = WIDTH, height: int = HEIGHT) -> Path:
+    """The whole page as a PNG. Streamlit scrolls its main block, not the document, so the viewport is grown to
+    the content's height first (and put back afterwards)."""
+    content = page.evaluate("document.querySelector('[data-testid=\"stMainBlockContainer\"]').scrollHeight")
+    page.set_viewport_size({"width": width, "height": max(height, int(content) + 120)})
+    page.wait_for_timeout(800)  # charts redraw at the new size
+    settle(page)
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size({"width": width, "height": height})
+    return path
+
+
 def shoot(url: str, out: Path, only: set[str] | None) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
@@ -74,19 +86,11 @@ def shoot(url: str, out: Path, only: set[str] | None) -> list[Path]:
         for name, path in views(newest_by_method()):
             if only and name not in only:
                 continue
-            page.set_viewport_size({"width": WIDTH, "height": HEIGHT})
             page.goto(f"{url.rstrip('/')}/{path}")
             page.locator('[data-testid="stMain"] h1').first.wait_for(timeout=120_000)
             settle(page)
-            # Streamlit scrolls its main block, not the document: grow the viewport to the content first.
-            height = page.evaluate("document.querySelector('[data-testid=\"stMainBlockContainer\"]').scrollHeight")
-            page.set_viewport_size({"width": WIDTH, "height": max(HEIGHT, int(height) + 120)})
-            page.wait_for_timeout(800)
-            settle(page)
-            target = out / f"{name}.png"
-            page.screenshot(path=str(target), full_page=True)
-            saved.append(target)
-            print(target, flush=True)
+            saved.append(full_page_screenshot(page, out / f"{name}.png"))
+            print(saved[-1], flush=True)
         browser.close()
     return saved
 

@@ -14,14 +14,23 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def lab_home_env(home: Path) -> dict[str, str]:
+    """The environment of a PEFT Lab home: its SQLite file, artifact root and export root all below ``home``."""
+    return {
+        "PEFTLAB_HOME": str(home),
+        "PEFTLAB_DB_URL": f"sqlite:///{home / 'lab.db'}",
+        "PEFTLAB_ARTIFACTS": str(home / "artifacts"),
+        "PEFTLAB_EXPORTS": str(home / "exports"),
+    }
+
+
 @pytest.fixture()
 def lab_env(tmp_path, monkeypatch):
     """A fresh PEFT Lab home (SQLite file + artifact root) for one test."""
     from db import store
 
-    monkeypatch.setenv("PEFTLAB_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("PEFTLAB_DB_URL", f"sqlite:///{tmp_path / 'home' / 'lab.db'}")
-    monkeypatch.setenv("PEFTLAB_ARTIFACTS", str(tmp_path / "home" / "artifacts"))
+    for key, value in lab_home_env(tmp_path / "home").items():
+        monkeypatch.setenv(key, value)
     store.get_engine.cache_clear()
     yield tmp_path / "home"
     store.get_engine.cache_clear()
@@ -53,11 +62,7 @@ def _ray_head(tmp_path_factory):
     from jobs import cluster
 
     home = tmp_path_factory.mktemp("raylab")
-    env = {
-        "PEFTLAB_HOME": str(home),
-        "PEFTLAB_DB_URL": f"sqlite:///{home / 'lab.db'}",
-        "PEFTLAB_ARTIFACTS": str(home / "artifacts"),
-    }
+    env = lab_home_env(home)
     saved = {k: os.environ.get(k) for k in [*env, "RAY_ADDRESS"]}
     os.environ.update(env)
     os.environ.pop("RAY_ADDRESS", None)

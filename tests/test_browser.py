@@ -2,7 +2,7 @@
 
 Launch a tiny run from the Launch form, watch it succeed on the Runs page, read it on the Run detail page, then open
 every page of the navigation and check that none shows a Streamlit exception. Full-page screenshots go to
-``tests/artifacts/browser_<page>.png``; those of Launch, Runs and Run detail are also copied to ``docs/screenshots/``.
+``tests/artifacts/browser_<page>.png``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts.screenshots import full_page_screenshot, settle
 from tests.test_app_pages import wait_for_job_agent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,28 +115,6 @@ def page():
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def settle(page, quiet_s: float = 0.8, timeout_s: float = 30.0) -> None:
-    """Wait until no script run is in progress for ``quiet_s`` in a row: Streamlit's status widget is hidden and no
-    element is marked stale (left over from before the current run).
-
-    Pages with ``st.fragment(run_every=...)`` rerun part of themselves every few seconds; the quiet window only
-    needs to fall between two of those reruns.
-    """
-    running = page.locator('[data-testid="stStatusWidget"]')
-    stale = page.locator('[data-testid="stElementContainer"][data-stale="true"]')
-    deadline = time.monotonic() + timeout_s
-    quiet_since = None
-    while time.monotonic() < deadline:
-        if (running.count() and running.first.is_visible()) or stale.count():
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since >= quiet_s:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the app kept running for {timeout_s} s")
-
-
 def assert_no_exception(page, where: str) -> None:
     boxes = page.locator('[data-testid="stException"]')
     assert boxes.count() == 0, f"{where}: {boxes.first.inner_text()[:2000]}"
@@ -163,18 +142,10 @@ def plotly_charts(page):
 
 
 def screenshot(page, name: str) -> Path:
-    """Full-page screenshot into tests/artifacts (and docs/screenshots for the README's pages).
-
-    Streamlit scrolls its main area, not the document, so the viewport is grown to the content's height first.
-    """
-    height = page.evaluate("document.querySelector('[data-testid=\"stMainBlockContainer\"]').scrollHeight")
-    page.set_viewport_size({"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], int(height) + 120)})
-    page.wait_for_timeout(500)  # charts redraw at the new size
-    settle(page)
-    path = ARTIFACTS / f"browser_{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    page.set_viewport_size(VIEWPORT)
-    if name in README_PAGES:
+    """Full-page screenshot into tests/artifacts (and docs/screenshots for the README's pages when
+    ``PEFTLAB_DOCS_SCREENSHOTS=1``, so a test run leaves the tracked files alone)."""
+    path = full_page_screenshot(page, ARTIFACTS / f"browser_{name}.png", VIEWPORT["width"], VIEWPORT["height"])
+    if name in README_PAGES and os.environ.get("PEFTLAB_DOCS_SCREENSHOTS") == "1":
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, SCREENSHOTS / f"{name}.png")
     return path
