@@ -25,6 +25,7 @@ from pathlib import Path
 from db import config
 
 STARTUP_TIMEOUT_S = 90
+QUEUE_TIMEOUT_S = 7 * 24 * 3600  # how long a submitted run may wait in Ray's queue for free CPUs/GPUs
 
 
 def ray_dir() -> Path:
@@ -142,6 +143,8 @@ def start_local_head(num_cpus: int | None = None, num_gpus: int | None = None) -
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
     env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file())}
+    # Ray fails a job still waiting for resources after 15 min; runs queued behind others must wait their turn.
+    env.setdefault("RAY_JOB_START_TIMEOUT_SECONDS", str(QUEUE_TIMEOUT_S))
     env.pop("RAY_AUTH_TOKEN", None)
     log = open(ray_dir() / "head.log", "ab")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

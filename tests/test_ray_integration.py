@@ -81,6 +81,21 @@ def test_local_head_requires_the_token(ray_lab):
     assert isinstance(cluster.job_client().list_jobs(), list)
 
 
+def test_local_head_lets_runs_queue_longer_than_rays_default(ray_lab):
+    """Ray fails a job that waits more than 15 min for resources; the local head raises that to a week, so runs
+    submitted behind others wait their turn. The dashboard (Ray's job manager) inherits the head's environment."""
+    import json
+
+    import psutil
+
+    head = psutil.Process(json.loads(cluster.state_file().read_text())["pid"])
+    processes = [head, *head.children(recursive=True)]
+    dashboards = [p for p in processes if any("dashboard.py" in part for part in p.cmdline())]
+    assert dashboards, [p.cmdline()[:3] for p in processes]
+    for process in dashboards:
+        assert process.environ().get("RAY_JOB_START_TIMEOUT_SECONDS") == str(cluster.QUEUE_TIMEOUT_S)
+
+
 def _spec_dict() -> dict:
     from engine.spec import parse_spec
 
