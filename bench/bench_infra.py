@@ -11,8 +11,7 @@ user's database is never touched; the environment is restored afterwards.
 * ``ui``: 1,000 runs × 1,000 metric points; those of the first runs (all of them in full mode) go through
   ``db.store.log_metrics`` in batches of 500 (the worker's ``DBReporter`` flushes about that many at a time):
   the ingestion rate. Then the Runs page (``app/pages/runs.py``) executed server-side by
-  ``streamlit.testing.v1.AppTest`` against that database; if the page is missing, the queries it makes
-  (``list_runs`` and ``get_metrics`` of the shown runs) are timed instead.
+  ``streamlit.testing.v1.AppTest`` against that database.
 """
 
 from __future__ import annotations
@@ -274,15 +273,6 @@ def render_runs_page(reps: int, limit: int | None = None) -> list[float]:
     return times
 
 
-def page_queries(shown: int = 8) -> float:
-    """The Runs page's queries without Streamlit: the run list and the curves of the shown runs."""
-    t0 = time.perf_counter()
-    runs = store.list_runs(limit=200)
-    active = [r for r in runs if r["status"] in ("queued", "running")]
-    store.get_metrics([r["id"] for r in (active or runs)[:shown]], keys=["train_loss", "eval_accuracy"])
-    return time.perf_counter() - t0
-
-
 def bench_ui(runs: int, points: int, timed_runs: int, reps: int) -> list[Figure]:
     group = "ui"
     with temporary_lab():
@@ -296,23 +286,12 @@ def bench_ui(runs: int, points: int, timed_runs: int, reps: int) -> list[Figure]
                           f"{runs * points:,}; seeding all {runs:,} runs {seed_s:.1f} s")
         ]  # fmt: skip
         size = f"{runs:,} runs × {points:,} points"
-        if RUNS_PAGE.exists():
-            times = render_runs_page(reps)
-            all_runs = render_runs_page(max(1, reps // 2), limit=runs)
-            figures += [
-                Figure(group, "Runs page server render (AppTest, default view)", statistics.median(times), "s", 1.0,
-                       spread=(min(times), max(times)), reps=reps,
-                       detail=f"{size}; table of 200 runs + curves of 8"),
-                Figure(group, "Runs page server render, all runs in the table", statistics.median(all_runs), "s",
-                       spread=(min(all_runs), max(all_runs)), reps=len(all_runs),
-                       detail=f"{size}; 'Show at most' {runs}"),
-            ]  # fmt: skip
-        else:
-            page_queries()
-            times = [page_queries() for _ in range(reps)]
-            figures.append(
-                Figure(group, "Runs page queries (page missing: list_runs + get_metrics)", statistics.median(times),
-                       "s", 1.0, spread=(min(times), max(times)), reps=reps,
-                       detail=f"{size}; app/pages/runs.py not found, so only its database queries are timed")
-            )  # fmt: skip
+        times = render_runs_page(reps)
+        all_runs = render_runs_page(max(1, reps // 2), limit=runs)
+        figures += [
+            Figure(group, "Runs page server render (AppTest, default view)", statistics.median(times), "s", 1.0,
+                   spread=(min(times), max(times)), reps=reps, detail=f"{size}; table of 200 runs + curves of 8"),
+            Figure(group, "Runs page server render, all runs in the table", statistics.median(all_runs), "s",
+                   spread=(min(all_runs), max(all_runs)), reps=len(all_runs), detail=f"{size}; 'Show at most' {runs}"),
+        ]  # fmt: skip
     return figures
