@@ -21,24 +21,36 @@ CHROMIUM = "/usr/bin/chromium"
 WIDTH, HEIGHT = 1400, 1000
 
 
-def newest_by_method() -> dict[str, list[str]]:
-    """Succeeded run ids per method, newest first."""
+def pick_model(model: str | None) -> str:
+    """``model``, or the model with the most succeeded runs."""
+    if model:
+        return model
+    models = [r["model"] for r in store.list_runs(status=["succeeded"], limit=None)]
+    if not models:
+        raise SystemExit("no succeeded runs in this database: train some first")
+    return max(set(models), key=models.count)
+
+
+def newest_by_method(model: str) -> dict[str, list[str]]:
+    """Succeeded run ids of ``model`` per method, newest first."""
     runs: dict[str, list[str]] = {}
-    for run in store.list_runs():
-        if run["status"] == "succeeded":
+    for run in store.list_runs(status=["succeeded"], limit=None):
+        if run["model"] == model:
             runs.setdefault(run["method"], []).append(run["id"])
     return runs
 
 
-def views(runs: dict[str, list[str]]) -> list[tuple[str, str]]:
+def views(runs: dict[str, list[str]], model: str) -> list[tuple[str, str]]:
     """(file name, page path with query) for every view worth a picture."""
     first = lambda method: (runs.get(method) or [None])[0]  # noqa: E731
     lora = first("lora")
     overlay = [r for r in (lora, first("neat"), first("full")) if r]
-    pages = [("launch", ""), ("runs", "runs"), ("compare", "compare")]
+    with_landscape = [r for rs in runs.values() for r in rs if store.list_artifacts(r, "analysis:landscape")]
+    pages = [("launch", ""), ("runs", "runs"), ("compare", f"compare?model={model}&group=name")]
     if lora:
-        pages += [("run_detail", f"run_detail?run={lora}"), ("landscape", f"landscape?run={lora}"),
-                  ("export", f"export?run={lora}")]  # fmt: skip
+        pages += [("run_detail", f"run_detail?run={lora}"), ("export", f"export?run={lora}")]
+    if with_landscape:
+        pages.append(("landscape", f"landscape?run={with_landscape[0]}"))
     if overlay:
         pages.append(("spectra", f"spectra?run={','.join(overlay)}"))
     for method in ("heat", "pear", "lily"):
@@ -75,7 +87,7 @@ def full_page_screenshot(page, path: Path, width: int = WIDTH, height: int = HEI
     return path
 
 
-def shoot(url: str, out: Path, only: set[str] | None) -> list[Path]:
+def shoot(url: str, out: Path, only: set[str] | None, model: str) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +95,7 @@ def shoot(url: str, out: Path, only: set[str] | None) -> list[Path]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         page = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}).new_page()
-        for name, path in views(newest_by_method()):
+        for name, path in views(newest_by_method(model), model):
             if only and name not in only:
                 continue
             page.goto(f"{url.rstrip('/')}/{path}")
@@ -100,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8501")
     parser.add_argument("--out", default="docs/screenshots", type=Path)
     parser.add_argument("--only", default="", help="comma-separated view names (default: all)")
+    parser.add_argument("--model", help="show runs of this model (default: the one with the most finished runs)")
     args = parser.parse_args(argv)
-    shoot(args.url, args.out, set(filter(None, args.only.split(","))) or None)
+    shoot(args.url, args.out, set(filter(None, args.only.split(","))) or None, pick_model(args.model))
     return 0
 
 

@@ -188,6 +188,13 @@ def test_compare_pareto_curves_table_and_bars(lab):
     heads = [lab.runs[k] for k in ("heat-0", "heat-1", "heat-adapter")]
     assert sorted(rerun(at).dataframe[0].value.index) == sorted(heads)
 
+    # A shared link opens with its filters and grouping (unknown values are dropped).
+    linked = AppTest.from_file(str(APP / "pages" / "compare.py"), default_timeout=120)
+    linked.query_params.update({"method": "lora,no-such-method", "group": "name"})
+    rerun(linked)
+    assert linked.multiselect(key="f_method").value == ["lora"] and linked.selectbox(key="group").value == "name"
+    assert sorted(linked.dataframe[0].value.index) == sorted(lora_ids)
+
 
 # --- spectra -------------------------------------------------------------------------------------------
 

@@ -32,13 +32,23 @@ def options(column: str) -> list:
     return sorted(frame[column].dropna().unique().tolist())
 
 
+def from_url(name: str, choices: list, default: list | None = None) -> list:
+    """A filter's starting value from the URL (``?model=minilm-l6&method=lora,neat``), so a view can be shared."""
+    wanted = [v for v in (st.query_params.get(name) or "").split(",") if v in choices]
+    return wanted or (default or [])
+
+
 c = st.columns(6)
-methods = c[0].multiselect("Method", options("method"), key="f_method")
-models = c[1].multiselect("Model", options("model"), key="f_model")
-datasets = c[2].multiselect("Dataset", options("dataset"), key="f_dataset")
-experiments = c[3].multiselect("Experiment", options("experiment"), key="f_experiment")
+methods = c[0].multiselect("Method", options("method"), from_url("method", options("method")), key="f_method")
+models = c[1].multiselect("Model", options("model"), from_url("model", options("model")), key="f_model")
+datasets = c[2].multiselect("Dataset", options("dataset"), from_url("dataset", options("dataset")), key="f_dataset")
+experiments = c[3].multiselect(
+    "Experiment", options("experiment"), from_url("experiment", options("experiment")), key="f_experiment"
+)
 tags = c[4].multiselect("Tags (all of)", sorted({t for ts in frame["tags"] for t in ts}), key="f_tags")
-statuses = c[5].multiselect("Status", options("status"), default=["succeeded"], key="f_status")
+statuses = c[5].multiselect(
+    "Status", options("status"), from_url("status", options("status"), ["succeeded"]), key="f_status"
+)
 
 filtered = filter_runs(
     frame, methods=methods or None, models=models or None, datasets=datasets or None, tags=tags or None,
@@ -58,8 +68,9 @@ chosen_ids = st.multiselect(
 if not chosen_ids:
     st.info("No run selected.")
     st.stop()
+GROUPS = ["method", "name", "model", "dataset", "experiment"]
 group = st.selectbox(
-    "Group by", ["method", "name", "model", "dataset", "experiment"], key="group",
+    "Group by", GROUPS, index=GROUPS.index(from_url("group", GROUPS, ["method"])[0]), key="group",
     help="curves and bars average the runs of each group (e.g. the seeds of one method)",
 )  # fmt: skip
 # Sorted by group, so every figure meets the groups in the same order and gives each the same colour.
