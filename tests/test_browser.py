@@ -1,7 +1,8 @@
 """The dashboard in a real browser: ``streamlit run app/main.py`` as a subprocess, driven by headless Chromium.
 
 Launch a tiny run from the Launch form, watch it succeed on the Runs page, read it on the Run detail page, then open
-every page of the navigation and check that none shows a Streamlit exception. Full-page screenshots go to
+every page of the navigation: none shows a Streamlit exception, and each analysis page computes what it needs for
+that run and draws its chart. Full-page screenshots go to
 ``tests/artifacts/browser_<page>.png``.
 """
 
@@ -161,6 +162,35 @@ def set_number(page, label: str, value: int) -> None:
     settle(page)
 
 
+def click_and_settle(page, button_name: str | re.Pattern) -> None:
+    page.get_by_role("button", name=button_name).first.click()
+    settle(page, timeout_s=180)
+
+
+def exercise_analysis_page(page, title: str) -> None:
+    """On each analysis page, compute what it needs for the run just trained and find its chart."""
+    from playwright.sync_api import expect
+
+    chart = {
+        "Compare": "Accuracy vs trainable parameters",
+        "Spectra": "Singular values of ΔW",
+        "Importance": "Gradient norm per layer",
+        "Landscape": "Loss landscape",
+    }
+    if title == "Spectra":
+        click_and_settle(page, re.compile(r"^Compute"))
+    elif title == "Landscape":
+        set_number(page, "grid", 5)
+        set_number(page, "examples", 8)
+        click_and_settle(page, "Compute here")
+    elif title == "Export":
+        click_and_settle(page, "Export native")
+        expect(page.get_by_role("button", name=re.compile(r"^Download run-.*-native\.zip$"))).to_be_visible()
+    if title in chart:
+        expect(plotly_charts(page).filter(has_text=chart[title])).to_have_count(1, timeout=60_000)
+    assert_no_exception(page, title)
+
+
 # --- the test --------------------------------------------------------------------------------------
 
 
@@ -226,6 +256,7 @@ def test_launch_watch_and_visit_every_page(app_url, page):
         assert_no_exception(page, title)
         if title in ("Runs", "Run detail"):
             expect(plotly_charts(page).first).to_be_visible()
+        exercise_analysis_page(page, title)
         name = title.lower().replace(" ", "_")
         if name not in README_PAGES:
             screenshot(page, name)
