@@ -88,10 +88,16 @@ def test_local_head_lets_runs_queue_longer_than_rays_default(ray_lab):
 
     import psutil
 
+    def command_line(process: psutil.Process) -> list[str]:
+        try:
+            return process.cmdline()
+        except psutil.Error:  # a worker that exited meanwhile (or a zombie not yet reaped)
+            return []
+
     head = psutil.Process(json.loads(cluster.state_file().read_text())["pid"])
     processes = [head, *head.children(recursive=True)]
-    dashboards = [p for p in processes if any("dashboard.py" in part for part in p.cmdline())]
-    assert dashboards, [p.cmdline()[:3] for p in processes]
+    dashboards = [p for p in processes if any("dashboard.py" in part for part in command_line(p))]
+    assert dashboards, [command_line(p)[:3] for p in processes]
     for process in dashboards:
         assert process.environ().get("RAY_JOB_START_TIMEOUT_SECONDS") == str(cluster.QUEUE_TIMEOUT_S)
 
