@@ -363,6 +363,35 @@ def _result(kind: str, arrays: dict[str, np.ndarray], accuracies: np.ndarray, me
     return result
 
 
+def _evaluate_grid(
+    model: nn.Module,
+    batches: Sequence[Any],
+    objective: Objective,
+    origin: Params,
+    directions: list[Params],
+    points: np.ndarray,
+    *,
+    batched: bool,
+    chunk_size: int,
+    progress: Progress | None,
+    started: float,
+    meta: dict[str, Any],
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``evaluate_points``, and the meta every landscape records: its settings, then the examples, the number of
+    parameters moved, the route and the seconds since ``started``."""
+    losses, accs = evaluate_points(
+        model, batches, objective, origin, directions, points,
+        batched=batched, chunk_size=chunk_size, progress=progress,
+    )  # fmt: skip
+    meta = meta | {
+        "examples": sum(_batch_size(b) for b in batches),
+        "parameters": int(sum(t.numel() for t in origin.values())),
+        "batched": batched,
+        "seconds": time.perf_counter() - started,
+    }
+    return losses, accs, meta
+
+
 def landscape_1d(
     model: nn.Module,
     batches: Sequence[Any],
@@ -392,28 +421,11 @@ def landscape_1d(
         (direction,) = random_directions(center, 1, seed=seed, normalization=normalization, one_dim=one_dim)
     batches = limit_examples(batches, max_examples)
     alphas = np.linspace(-span, span, steps)
-    losses, accs = evaluate_points(
-        model,
-        batches,
-        objective,
-        center,
-        [direction],
-        alphas[:, None],
-        batched=batched,
-        chunk_size=chunk_size,
-        progress=progress,
-    )
-    meta = {
-        "steps": steps,
-        "span": span,
-        "seed": seed,
-        "normalization": normalization,
-        "one_dim": one_dim,
-        "examples": sum(_batch_size(b) for b in batches),
-        "parameters": int(sum(t.numel() for t in center.values())),
-        "batched": batched,
-        "seconds": time.perf_counter() - t0,
-    }
+    settings = {"steps": steps, "span": span, "seed": seed, "normalization": normalization, "one_dim": one_dim}
+    losses, accs, meta = _evaluate_grid(
+        model, batches, objective, center, [direction], alphas[:, None],
+        batched=batched, chunk_size=chunk_size, progress=progress, started=t0, meta=settings,
+    )  # fmt: skip
     return _result("1d", {"alphas": alphas, "losses": losses}, accs, meta)
 
 
@@ -449,30 +461,15 @@ def landscape_2d(
     alphas = np.linspace(-span, span, steps)
     betas = np.linspace(-span, span, steps)
     grid = np.stack(np.meshgrid(alphas, betas, indexing="ij"), axis=-1).reshape(-1, 2)
-    losses, accs = evaluate_points(
-        model,
-        batches,
-        objective,
-        center,
-        list(directions),
-        grid,
-        batched=batched,
-        chunk_size=chunk_size,
-        progress=progress,
-    )
-    meta = {
-        "steps": steps,
-        "span": span,
-        "seed": seed,
-        "normalization": normalization,
-        "one_dim": one_dim,
-        "examples": sum(_batch_size(b) for b in batches),
-        "parameters": int(sum(t.numel() for t in center.values())),
+    settings = {
+        "steps": steps, "span": span, "seed": seed, "normalization": normalization, "one_dim": one_dim,
         "direction_cosine": dot(*directions)
         / math.sqrt(dot(directions[0], directions[0]) * dot(directions[1], directions[1]) or 1.0),
-        "batched": batched,
-        "seconds": time.perf_counter() - t0,
-    }
+    }  # fmt: skip
+    losses, accs, meta = _evaluate_grid(
+        model, batches, objective, center, list(directions), grid,
+        batched=batched, chunk_size=chunk_size, progress=progress, started=t0, meta=settings,
+    )  # fmt: skip
     shape = (steps, steps)
     return _result("2d", {"alphas": alphas, "betas": betas, "losses": losses.reshape(shape)}, accs.reshape(shape), meta)
 
@@ -516,26 +513,11 @@ def interpolation(
     direction = {n: theta_b[n] - theta_a[n] for n in names}
     batches = limit_examples(batches, max_examples)
     alphas = np.linspace(-margin, 1.0 + margin, steps)
-    losses, accs = evaluate_points(
-        model,
-        batches,
-        objective,
-        theta_a,
-        [direction],
-        alphas[:, None],
-        batched=batched,
-        chunk_size=chunk_size,
-        progress=progress,
-    )
-    meta = {
-        "steps": steps,
-        "margin": margin,
-        "examples": sum(_batch_size(b) for b in batches),
-        "parameters": int(sum(t.numel() for t in theta_a.values())),
-        "distance": math.sqrt(dot(direction, direction)),
-        "batched": batched,
-        "seconds": time.perf_counter() - t0,
-    }
+    settings = {"steps": steps, "margin": margin, "distance": math.sqrt(dot(direction, direction))}
+    losses, accs, meta = _evaluate_grid(
+        model, batches, objective, theta_a, [direction], alphas[:, None],
+        batched=batched, chunk_size=chunk_size, progress=progress, started=t0, meta=settings,
+    )  # fmt: skip
     return _result("interpolation", {"alphas": alphas, "losses": losses}, accs, meta)
 
 
