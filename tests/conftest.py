@@ -91,6 +91,24 @@ def ray_lab(_ray_head, monkeypatch):
     store.get_engine.cache_clear()
 
 
+def train_tiny(method: dict, out_dir, lr: float = 5e-3):
+    """Train tiny-bert with ``method`` through the one loop in this process (4 steps of 16 examples) and check that
+    it succeeded with finite losses. Returns the parsed spec, the ``TrainResult`` and the ``MemoryReporter``."""
+    import math
+
+    from engine.spec import parse_spec
+    from engine.train import MemoryReporter, train
+
+    spec = tiny_spec(train={"lr": lr, "device": "cpu", "num_threads": None})
+    spec["method"] = method  # as given, not merged into tiny_spec's LoRA
+    spec = parse_spec(spec)
+    reporter = MemoryReporter()
+    result = train(spec, reporter, out_dir)
+    assert result.status == "succeeded" and result.steps == 4
+    assert all(math.isfinite(v) for _, v in reporter.series("train_loss"))
+    return spec, result, reporter
+
+
 def tiny_spec(**overrides) -> dict:
     """A RunSpec dict that trains tiny-bert for a few steps in seconds."""
     spec = {

@@ -23,7 +23,7 @@ from engine.methods.soka import (
     vlp_rearrange,
 )
 from engine.models import load_model
-from tests.conftest import tiny_image_batch, tiny_text_batch
+from tests.conftest import tiny_image_batch, tiny_text_batch, train_tiny
 
 # --- Hydra -----------------------------------------------------------------------------------------
 
@@ -314,19 +314,9 @@ def test_soka_starts_as_the_pretrained_model_and_reloads_at_stored_ranks():
     ids=lambda m: m["name"],
 )
 def test_trains_through_the_loop_and_reloads(method, tmp_path):
-    from engine.spec import parse_spec
-    from engine.train import MemoryReporter, evaluate, prepare, train
+    from engine.train import evaluate, prepare
 
-    spec = parse_spec({
-        "model": "tiny-bert",
-        "dataset": {"name": "tweets-sentiment", "max_train": 64, "max_eval": 32, "max_length": 16},
-        "method": method,
-        "train": {"batch_size": 16, "lr": 5e-3, "epochs": 1, "log_every": 1, "device": "cpu"},
-    })  # fmt: skip
-    reporter = MemoryReporter()
-    result = train(spec, reporter, tmp_path)
-    assert result.status == "succeeded" and result.steps == 4
-    assert all(math.isfinite(v) for _, v in reporter.series("train_loss"))
+    spec, result, reporter = train_tiny(method, tmp_path)
     adapter = load_file(result.artifacts["adapter"])
     config = json.loads(open(result.artifacts["adapter_config"]).read())
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from engine.methods.dylora import DyLoRALinear
 from engine.methods.lora import LoRALinear
 from engine.methods.pissa import PiSSALinear, principal_factors
 from engine.models import load_model
-from tests.conftest import tiny_text_batch
+from tests.conftest import tiny_text_batch, train_tiny
 
 PEFT_TARGETS = ["query", "value"]
 
@@ -433,23 +432,6 @@ def test_dylora_hooks_sample_ranks_and_eval_rank_sweep():
 # --- training through the one loop ---------------------------------------------------------------
 
 
-def _train(method: dict, tmp_path):
-    from engine.spec import parse_spec
-    from engine.train import MemoryReporter, train
-
-    spec = parse_spec({
-        "model": "tiny-bert",
-        "dataset": {"name": "tweets-sentiment", "max_train": 64, "max_eval": 32, "max_length": 16},
-        "method": method,
-        "train": {"batch_size": 16, "lr": 5e-3, "epochs": 1, "log_every": 1, "device": "cpu"},
-    })  # fmt: skip
-    reporter = MemoryReporter()
-    result = train(spec, reporter, tmp_path)
-    assert result.status == "succeeded" and result.steps == 4
-    assert all(math.isfinite(v) for _, v in reporter.series("train_loss"))
-    return spec, result, reporter
-
-
 def _reloaded(spec, result):
     """A fresh model (no hooks run) with the saved adapter loaded, and its evaluation data."""
     from engine.train import prepare
@@ -462,7 +444,7 @@ def _reloaded(spec, result):
 def test_corda_trains_through_the_loop_and_its_adapter_reloads(tmp_path):
     from engine.train import evaluate
 
-    spec, result, reporter = _train({"name": "corda", "rank": 2, "alpha": 4, "calib_batches": 2}, tmp_path)
+    spec, result, reporter = train_tiny({"name": "corda", "rank": 2, "alpha": 4, "calib_batches": 2}, tmp_path)
     assert any("corda (ipm): calibrated 4 layers on 2 batches" in m for m in reporter.messages)
     analysis = json.loads(open(result.artifacts["method_analysis"]).read())
     assert len(analysis["layers"]) == 4 and all(s["damping"] >= 0.01 for s in analysis["layers"].values())
@@ -475,7 +457,7 @@ def test_corda_trains_through_the_loop_and_its_adapter_reloads(tmp_path):
 def test_dylora_trains_through_the_loop_and_sweeps_eval_ranks(tmp_path):
     from engine.train import evaluate
 
-    spec, result, _ = _train({"name": "dylora", "rank": 4, "alpha": 8}, tmp_path)
+    spec, result, _ = train_tiny({"name": "dylora", "rank": 4, "alpha": 8}, tmp_path)
     analysis = json.loads(open(result.artifacts["method_analysis"]).read())
     assert sum(analysis["training_rank_counts"].values()) == 4
     assert analysis["evaluation_ranks"] == [1, 2, 3, 4]

@@ -17,9 +17,7 @@ from engine.methods import TrainContext, build_method
 from engine.methods.lily import RouterLoads
 from engine.methods.neat import NEATLinear
 from engine.models import ModelInfo, TaskModel, load_model
-from engine.spec import parse_spec
-from engine.train import MemoryReporter, train
-from tests.conftest import batch_for, tiny_text_batch
+from tests.conftest import batch_for, tiny_text_batch, train_tiny
 
 PEFT_TARGETS = {"q": "query", "v": "value", "fc1": "intermediate.dense"}
 
@@ -385,15 +383,7 @@ def test_router_history_stays_bounded_and_keeps_the_mean():
     [("neat", {"rank": 4, "depth": 1}), ("lily", {"rank": 8, "num_experts": 2, "target_roles": ["q", "v", "fc1"]})],
 )
 def test_short_training_run(tmp_path, method_name, params):
-    spec = parse_spec({
-        "model": "tiny-bert",
-        "dataset": {"name": "tweets-sentiment", "max_train": 64, "max_eval": 32, "max_length": 16},
-        "method": {"name": method_name, **params},
-        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-2, "log_every": 1, "device": "cpu"},
-    })  # fmt: skip
-    reporter = MemoryReporter()
-    result = train(spec, reporter, tmp_path, resume=False)
-    assert result.status == "succeeded" and result.steps == 4
+    spec, result, reporter = train_tiny({"name": method_name, **params}, tmp_path, lr=1e-2)
     losses = [v for _, v in reporter.series("train_loss")]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     assert "eval_accuracy" in result.final_metrics
