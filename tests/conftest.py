@@ -91,6 +91,19 @@ def ray_lab(_ray_head, monkeypatch):
     store.get_engine.cache_clear()
 
 
+def wait_for(predicate, timeout: float = 240.0, every: float = 0.5):
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s")
+
+
 def train_tiny(method: dict, out_dir, lr: float = 5e-3):
     """Train tiny-bert with ``method`` through the one loop in this process (4 steps of 16 examples) and check that
     it succeeded with finite losses. Returns the parsed spec, the ``TrainResult`` and the ``MemoryReporter``."""

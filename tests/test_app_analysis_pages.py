@@ -338,7 +338,8 @@ def test_export_peft_by_svd_shows_error_sha256_and_zips(lab):
 def test_landscape_on_ray_shows_progress_then_the_result(ray_lab):
     """The real path: the job runs on the session's local Ray head, the progress fragment polls it, and once the job
     has succeeded the page draws the stored landscape. Each ``at.run()`` is one poll of the fragment."""
-    from tests.test_app_pages import wait_for, wait_for_job_agent
+    from tests.conftest import wait_for
+    from tests.test_app_pages import wait_for_job_agent
 
     wait_for_job_agent()
     run_id = train_inline({"name": "lora", "rank": 4}, 0, "lora", [])

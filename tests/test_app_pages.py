@@ -21,7 +21,7 @@ from db import config, store
 from engine.spec import parse_spec
 from jobs import cluster
 from jobs.runs import cancel_run, submit_run
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_spec, wait_for
 
 MAIN_SCRIPT = Path(__file__).resolve().parent.parent / "app" / "main.py"
 FINAL = ("succeeded", "failed", "cancelled")
@@ -80,16 +80,6 @@ def plotly_charts(at: AppTest) -> dict[str, dict]:
 def traces(figure: dict) -> dict[str, tuple[list, list]]:
     """{trace name: (x, y)} of a figure."""
     return {t["name"]: (_decode(t["x"]), _decode(t["y"])) for t in figure["data"]}
-
-
-def wait_for(predicate, timeout: float = 180.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s")
 
 
 _AGENT_READY: set[str] = set()

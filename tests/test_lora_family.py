@@ -49,6 +49,15 @@ def _align_signs(ours: torch.Tensor, theirs: torch.Tensor, dim: int) -> torch.Te
     return ours * signs
 
 
+def _assert_same_svd_init(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor, peft_layer, rtol: float) -> None:
+    """Our factors ``a`` (r × d_in), ``b`` (d_out × r) and frozen residual ``base`` equal PEFT's layer, up to the
+    sign of each singular component."""
+    their_a, their_b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
+    torch.testing.assert_close(_align_signs(a, their_a, 1), their_a, atol=1e-5, rtol=rtol)
+    torch.testing.assert_close(_align_signs(b, their_b, 0), their_b, atol=1e-5, rtol=rtol)
+    torch.testing.assert_close(base, peft_layer.base_layer.weight, atol=1e-5, rtol=1e-5)
+
+
 def _calibration_batches(seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Two padded text batches (right padding of different lengths, as the data loader produces)."""
     batches = []
@@ -173,10 +182,7 @@ def test_pissa_equals_peft_pissa_init():
     with torch.no_grad():
         for name, layer in method.adapted_layers(ours).items():
             peft_layer = _peft_layer(peft_net, name)
-            their_a, their_b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
-            torch.testing.assert_close(_align_signs(layer.pissa_A.weight, their_a, 1), their_a, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(_align_signs(layer.pissa_B.weight, their_b, 0), their_b, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(layer.base.weight, peft_layer.base_layer.weight, atol=1e-5, rtol=1e-5)
+            _assert_same_svd_init(layer.pissa_A.weight, layer.pissa_B.weight, layer.base.weight, peft_layer, 1e-5)
         # At init the adapted model is the base model: W0 − sBA + sBA = W0.
         expected = base(batch)
         torch.testing.assert_close(ours(batch), expected, atol=1e-5, rtol=1e-5)
@@ -257,10 +263,7 @@ def test_corda_equals_peft_corda_init(mode):
     with torch.no_grad():
         for name, layer in method.adapted_layers(ours).items():
             peft_layer = _peft_layer(peft_net, name)
-            their_a, their_b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
-            torch.testing.assert_close(_align_signs(layer.corda_A.weight, their_a, 1), their_a, atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(_align_signs(layer.corda_B.weight, their_b, 0), their_b, atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(layer.base.weight, peft_layer.base_layer.weight, atol=1e-5, rtol=1e-5)
+            _assert_same_svd_init(layer.corda_A.weight, layer.corda_B.weight, layer.base.weight, peft_layer, 1e-4)
             assert layer.corda_B.weight.abs().sum() > 0  # calibrated, not the LoRA-style B = 0
         # Both adapted models equal the base model at init (W0 − sBA + sBA = W0) and each other.
         torch.testing.assert_close(ours(batch), base(batch), atol=1e-5, rtol=1e-5)

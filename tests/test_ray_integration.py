@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -10,19 +9,9 @@ import pytest
 from db import store
 from jobs import cluster
 from jobs.runs import cancel_run, reconcile, submit_run, submit_seeds
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_spec, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(predicate, timeout: float = 240.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s")
 
 
 def test_submit_cancel_fail_and_reconcile(ray_lab):
