@@ -25,11 +25,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from engine.methods.base import AdaptedLinear, Method, MethodConfig, TargetedConfig, register_method
+from engine.methods.base import AdaptedLinear, BlockList, Method, MethodConfig, TargetedConfig, register_method
 
 if TYPE_CHECKING:
     from engine.models import AdaptableLayer, TaskModel
@@ -196,14 +196,7 @@ class AdaptFormerConfig(MethodConfig):
     scaling: float = Field(0.1, gt=0, description="s, multiplies the adapter output (AdaptFormer: 0.1)")
     activation: Literal["relu", "gelu"] = Field("relu", description="σ inside the adapter (AdaptFormer: ReLU)")
     bias: bool = Field(True, description="biases in the down- and up-projections (AdaptFormer: yes)")
-    blocks: list[int] | None = Field(None, description="transformer blocks to adapt (None: all)")
-
-    @field_validator("blocks")
-    @classmethod
-    def _blocks_not_empty(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and not v:
-            raise ValueError("blocks must name at least one block (or be None for all)")
-        return v
+    blocks: BlockList = Field(None, description="transformer blocks to adapt (None: all)")
 
 
 class AdaptFormerLinear(AdaptedLinear):

@@ -23,14 +23,24 @@ this contract, so adding a method never adds a branch elsewhere:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
 if TYPE_CHECKING:
     from engine.models import AdaptableLayer, TaskModel
+
+
+def _blocks_not_empty(v: list[int] | None) -> list[int] | None:
+    if v is not None and not v:
+        raise ValueError("blocks must name at least one block (or be None for all)")
+    return v
+
+
+# Transformer blocks a method adapts: None for all of them, else a non-empty list of block indices.
+BlockList = Annotated[list[int] | None, AfterValidator(_blocks_not_empty)]
 
 
 class MethodConfig(BaseModel):

@@ -45,7 +45,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from engine.methods.adapters import Bottleneck, InputTap, Mailbox, paired_layers
-from engine.methods.base import AdaptedLinear, Method, MethodConfig, TrainContext, register_method
+from engine.methods.base import AdaptedLinear, BlockList, Method, MethodConfig, TrainContext, register_method
 
 if TYPE_CHECKING:
     from engine.models import TaskModel
@@ -61,7 +61,7 @@ class PearConfig(MethodConfig):
         ["attn", "mlp"],
         description="adapter sites per block: attn (parallel to the attention sub-layer), mlp (parallel to the MLP)",
     )
-    blocks: list[int] | None = Field(None, description="transformer blocks with adapters (None: all)")
+    blocks: BlockList = Field(None, description="transformer blocks with adapters (None: all)")
     bottleneck: int = Field(8, ge=1, le=16384, description="m, each adapter's hidden size (our default)")
     scaling: float = Field(0.1, gt=0, description="s, multiplies each adapter's output (AdaptFormer's 0.1)")
     activation: Literal["relu", "gelu"] = Field("relu", description="σ inside the adapters")
@@ -88,13 +88,6 @@ class PearConfig(MethodConfig):
         bad = [s for s in v if s not in SITES]
         if bad or not v or len(set(v)) != len(v):
             raise ValueError(f"sites must be distinct names from {', '.join(SITES)}; got {v}")
-        return v
-
-    @field_validator("blocks")
-    @classmethod
-    def _blocks_not_empty(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and not v:
-            raise ValueError("blocks must name at least one block (or be None for all)")
         return v
 
 
