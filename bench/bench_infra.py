@@ -34,31 +34,13 @@ from db import config, store
 from db.schema import utcnow
 
 RUNS_PAGE = config.PROJECT_ROOT / "app" / "pages" / "runs.py"
-LAB_ENV_KEYS = ("PEFTLAB_HOME", "PEFTLAB_DB_URL", "PEFTLAB_ARTIFACTS", "RAY_ADDRESS")
 
 
 @contextmanager
 def temporary_lab() -> Iterator[Path]:
     """A fresh PEFT Lab home for the block, with the previous environment restored afterwards."""
-    saved = {k: os.environ.get(k) for k in LAB_ENV_KEYS}
-    with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as tmp:
-        home = Path(tmp)
-        os.environ.update({
-            "PEFTLAB_HOME": str(home),
-            "PEFTLAB_DB_URL": f"sqlite:///{home / 'lab.db'}",
-            "PEFTLAB_ARTIFACTS": str(home / "artifacts"),
-        })  # fmt: skip
-        os.environ.pop("RAY_ADDRESS", None)  # always the local head started here, never a remote cluster
-        store.get_engine.cache_clear()
-        try:
-            yield home
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            store.get_engine.cache_clear()
+    with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as tmp, store.using_home(Path(tmp)) as home:
+        yield home
 
 
 # --- submit → first training step on a warm local Ray -------------------------------------------

@@ -34,3 +34,13 @@ def run_dir(run_id: str) -> Path:
     path = artifacts_root() / run_id
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def home_env(path: Path) -> dict[str, str]:
+    """The environment that puts everything PEFT Lab keeps (database, artifacts, exports) below ``path``."""
+    return {
+        "PEFTLAB_HOME": str(path),
+        "PEFTLAB_DB_URL": f"sqlite:///{path / 'lab.db'}",
+        "PEFTLAB_ARTIFACTS": str(path / "artifacts"),
+        "PEFTLAB_EXPORTS": str(path / "exports"),
+    }

@@ -6,6 +6,7 @@ Pages, the CLI and the worker never write SQL themselves; they call these functi
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -72,6 +73,26 @@ def get_engine(url: str | None = None) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     migrate(engine)
     return engine
+
+
+@contextmanager
+def using_home(path: Path) -> Iterator[Path]:
+    """Point PEFT Lab at a home of its own (``config.home_env``) for the block, on the local Ray head rather than
+    any ``RAY_ADDRESS``, and restore the previous environment and database engine afterwards."""
+    env = config.home_env(path)
+    saved = {k: os.environ.get(k) for k in [*env, "RAY_ADDRESS"]}
+    os.environ.update(env)
+    os.environ.pop("RAY_ADDRESS", None)
+    get_engine.cache_clear()
+    try:
+        yield path
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        get_engine.cache_clear()
 
 
 @contextmanager

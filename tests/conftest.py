@@ -14,22 +14,12 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def lab_home_env(home: Path) -> dict[str, str]:
-    """The environment of a PEFT Lab home: its SQLite file, artifact root and export root all below ``home``."""
-    return {
-        "PEFTLAB_HOME": str(home),
-        "PEFTLAB_DB_URL": f"sqlite:///{home / 'lab.db'}",
-        "PEFTLAB_ARTIFACTS": str(home / "artifacts"),
-        "PEFTLAB_EXPORTS": str(home / "exports"),
-    }
-
-
 @pytest.fixture()
 def lab_env(tmp_path, monkeypatch):
     """A fresh PEFT Lab home (SQLite file + artifact root) for one test."""
-    from db import store
+    from db import config, store
 
-    for key, value in lab_home_env(tmp_path / "home").items():
+    for key, value in config.home_env(tmp_path / "home").items():
         monkeypatch.setenv(key, value)
     store.get_engine.cache_clear()
     yield tmp_path / "home"
@@ -58,24 +48,14 @@ def batch_for(model, seed: int = 0) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def _ray_head(tmp_path_factory):
-    from db import store
+    from db import config, store
     from jobs import cluster
 
     home = tmp_path_factory.mktemp("raylab")
-    env = lab_home_env(home)
-    saved = {k: os.environ.get(k) for k in [*env, "RAY_ADDRESS"]}
-    os.environ.update(env)
-    os.environ.pop("RAY_ADDRESS", None)
-    store.get_engine.cache_clear()
-    cluster.start_local_head(num_cpus=2)
-    yield env
-    cluster.stop_local_head()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    store.get_engine.cache_clear()
+    with store.using_home(home):
+        cluster.start_local_head(num_cpus=2)
+        yield config.home_env(home)
+        cluster.stop_local_head()
 
 
 @pytest.fixture()

@@ -26,7 +26,7 @@ from db import config, store
 from engine.spec import parse_spec
 from jobs.analysis import compute_analysis
 from jobs.worker import execute
-from tests.conftest import lab_home_env, tiny_spec
+from tests.conftest import tiny_spec
 
 APP = Path(__file__).resolve().parent.parent / "app"
 PAGES = ("compare", "spectra", "importance", "landscape", "export")
@@ -64,7 +64,7 @@ def train_inline(method: dict, seed: int, name: str, tags: list[str]) -> str:
 def seeded_lab(tmp_path_factory):
     """A PEFT Lab home for the whole module, with the runs of ``SEEDED`` trained in this process (about 10 s)."""
     home = tmp_path_factory.mktemp("analysis_pages")
-    env = lab_home_env(home)
+    env = config.home_env(home)
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
