@@ -301,8 +301,6 @@ def export_options(model: TaskModel, method: Method) -> ExportOptions:
     """
     import torch
 
-    from engine.export import PEFT_LORA_VARIANTS
-
     layers = method.adapted_layers(model)
     mergeable = method.mergeable or not layers
     merged_reason = (
@@ -316,7 +314,7 @@ def export_options(model: TaskModel, method: Method) -> ExportOptions:
     if not layers:
         reason = f"{method.name} has no adapted linear layers: there is no low-rank update to write"
         return ExportOptions(merged_reason, reason, reason, default_rank, None)
-    variant = PEFT_LORA_VARIANTS.get(method.name)
+    variant = method.peft_variant
     factor_fns = [getattr(layer, "low_rank_factors", None) for layer in layers.values()]
     exact = all(callable(fn) for fn in factor_fns) or bool(variant and variant.factor_A and variant.factor_B)
     with torch.no_grad():

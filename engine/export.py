@@ -25,8 +25,9 @@ From it, ``export_run`` writes one of three formats into a directory under an ex
 
   Every exact conversion is checked against the layer's dense weight ``W_eff + ΔW`` before anything is written.
 
-  The only table keyed by method name is ``PEFT_LORA_VARIANTS`` (the PEFT flags a variant needs, e.g. ``use_dora``,
-  and the attributes holding its factors when its layers have no ``low_rank_factors()``).
+  A variant PEFT computes differently from plain LoRA says how through its ``Method.peft_variant`` (the flags it
+  needs, e.g. ``use_dora``, and the attributes holding its factors when its layers have no
+  ``low_rank_factors()``); nothing here is keyed by method name.
 * ``merged``: the whole model with ΔW folded in (``Method.merge``), saved with ``save_pretrained`` (safetensors)
   with its tokenizer or image processor, loadable with the Auto classes; timm models as a safetensors state dict
   (the split q/k/v fused back into timm's ``qkv``) plus a config JSON.
@@ -63,6 +64,7 @@ from torch import nn
 from db import config
 from db.store import sha256_file
 from engine.methods import Method, build_method
+from engine.methods.base import PeftVariant
 from engine.models import ROLES, SplitQKV, TaskModel, count_parameters, load_model
 from engine.train import ADAPTER_CONFIG_FILE, ADAPTER_FILE
 
@@ -77,24 +79,6 @@ PEFT_PREFIX = "base_model.model."
 MERGED_TIMM_WEIGHTS = "model.safetensors"
 MERGED_TIMM_CONFIG = "config.json"
 
-
-@dataclass(frozen=True)
-class PeftVariant:
-    """How a LoRA variant maps onto PEFT's LoRA: its ``LoraConfig`` flags and, for layers without
-    ``low_rank_factors()``, the attributes holding A and B (``nn.Linear``, unscaled) and DoRA's magnitude."""
-
-    flags: tuple[tuple[str, Any], ...] = ()
-    factor_A: str | None = None
-    factor_B: str | None = None
-    magnitude: str | None = None
-
-
-# The one table keyed by method name: variants PEFT computes differently from plain LoRA.
-PEFT_LORA_VARIANTS: dict[str, PeftVariant] = {
-    "dora": PeftVariant(
-        flags=(("use_dora", True),), factor_A="dora_A", factor_B="dora_B", magnitude="dora_magnitude_vector"
-    ),
-}
 
 # An exact (non-SVD) LoRA export must reproduce each layer's dense weight to this relative Frobenius error
 # (float32 rounding of ``W0 + ΔW`` is ~1e-7).
@@ -502,7 +486,7 @@ def _layer_factors(
     """(B, A, s) in float64 with the layer's low-rank update ``s · B A``, or None if the layer exposes none.
 
     From ``low_rank_factors()`` (scaled B, A; at ``factor_rank`` when the layer accepts a rank, as DyLoRA's does)
-    with the scaling divided back out, else from the attributes the variant table names.
+    with the scaling divided back out, else from the attributes the method's ``peft_variant`` names.
     """
     fn = getattr(layer, "low_rank_factors", None)
     if fn is not None:
@@ -680,7 +664,7 @@ def write_peft(
     ]  # fmt: skip
     if stray:
         raise ExportError(f"adapter tensor {stray[0]} lies outside every adapted layer: PEFT's LoRA cannot carry it")
-    variant = PEFT_LORA_VARIANTS.get(method.name)
+    variant = method.peft_variant
     flags = dict(variant.flags) if variant is not None else {}
     use_dora = bool(flags.pop("use_dora", False))
     factors = lora_factors(model, method, base, svd_rank=svd_rank, factor_rank=factor_rank, variant=variant)

@@ -18,7 +18,6 @@ from engine.export import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
     MANIFEST_FILE,
-    PEFT_LORA_VARIANTS,
     PEFT_WEIGHTS_FILE,
     README_FILE,
     AdapterFileError,
@@ -157,7 +156,7 @@ def _exact_peft_methods() -> list[str]:
         method = build_method(name, get_method(name).test_params)
         method.apply(model)
         layers = list(method.adapted_layers(model).values())
-        if layers and (name in PEFT_LORA_VARIANTS or all(hasattr(l, "low_rank_factors") for l in layers)):
+        if layers and (method.peft_variant is not None or all(hasattr(l, "low_rank_factors") for l in layers)):
             names.append(name)
     return names
 
@@ -187,7 +186,7 @@ def test_peft_round_trip_dora(tmp_path):
     saved = load_file(str(result.path / PEFT_WEIGHTS_FILE))
     name, layer = next(iter(method.adapted_layers(model).items()))
     magnitude = saved["base_model.model." + name.removeprefix("net.") + ".lora_magnitude_vector"]
-    torch.testing.assert_close(magnitude, getattr(layer, PEFT_LORA_VARIANTS["dora"].magnitude).detach())
+    torch.testing.assert_close(magnitude, getattr(layer, get_method("dora").peft_variant.magnitude).detach())
     base = _fresh_peft_base("tiny-bert", model.info.num_labels)
     peft_model = PeftModel.from_pretrained(base.net, str(result.path)).eval()
     torch.testing.assert_close(_peft_logits(peft_model, batch), _logits(model, batch), atol=1e-5, rtol=1e-5)
@@ -238,12 +237,12 @@ def _mergeable_without_factors() -> str | None:
     """A registered mergeable method whose layers have a ΔW but no ``low_rank_factors`` (needs the SVD path)."""
     for name in method_names():
         method = build_method(name, get_method(name).test_params)
-        if name in PEFT_LORA_VARIANTS or not method.mergeable:
+        if get_method(name).peft_variant is not None or not method.mergeable:
             continue
         model = load_model("tiny-bert", 3)
         method.apply(model)
         layers = list(method.adapted_layers(model).values())
-        has_factors = name in PEFT_LORA_VARIANTS or any(hasattr(l, "low_rank_factors") for l in layers)
+        has_factors = get_method(name).peft_variant is not None or any(hasattr(l, "low_rank_factors") for l in layers)
         if method.mergeable and layers and not has_factors:
             return name
     return None
@@ -283,7 +282,7 @@ def test_bias_updates_are_carried_by_lora_bias(tmp_path):
     """A mergeable method with Δb ≠ 0 (e.g. Hydra's sequential branch, Δb = s B_s A_s b0) keeps it in PEFT."""
     for name in method_names():
         method = build_method(name, get_method(name).test_params)
-        if name in PEFT_LORA_VARIANTS or not method.mergeable:
+        if get_method(name).peft_variant is not None or not method.mergeable:
             continue
         model = _base_with_biases()
         method.apply(model)

@@ -43,6 +43,18 @@ def _blocks_not_empty(v: list[int] | None) -> list[int] | None:
 BlockList = Annotated[list[int] | None, AfterValidator(_blocks_not_empty)]
 
 
+@dataclass(frozen=True)
+class PeftVariant:
+    """How a LoRA variant maps onto Hugging Face PEFT's LoRA, for the PEFT export: its ``LoraConfig`` flags and,
+    for layers without ``low_rank_factors()``, the attributes holding A and B (``nn.Linear``, unscaled) and the
+    DoRA magnitude. A method whose layers PEFT computes differently from plain LoRA sets ``Method.peft_variant``."""
+
+    flags: tuple[tuple[str, Any], ...] = ()
+    factor_A: str | None = None
+    factor_B: str | None = None
+    magnitude: str | None = None
+
+
 class MethodConfig(BaseModel):
     """Base of every method's config. Unknown keys are errors (a typo must not be silently ignored)."""
 
@@ -144,6 +156,7 @@ class Method:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     prefix: ClassVar[str]  # marks the method's tensors in the state dict (e.g. "lora_")
     mergeable: ClassVar[bool] = False
+    peft_variant: ClassVar[PeftVariant | None] = None  # set when PEFT's LoRA needs flags to compute this method
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     # Small settings for the shared contract test on tiny models (tests/test_methods_contract.py).

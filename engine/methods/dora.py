@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.methods.base import AdaptedLinear, Method, register_method
+from engine.methods.base import AdaptedLinear, Method, PeftVariant, register_method
 from engine.methods.lora import LoRAConfig
 
 # Our attribute name -> PEFT's (``LoraConfig(use_dora=True)``); the magnitude is PEFT's
@@ -84,6 +84,9 @@ class DoRA(Method):
     config_cls = DoRAConfig
     prefix = "dora_"
     mergeable = True
+    peft_variant = PeftVariant(
+        flags=(("use_dora", True),), factor_A="dora_A", factor_B="dora_B", magnitude="dora_magnitude_vector"
+    )
     summary = "Magnitude-direction split: W' = m·(W0 + sBA)/‖W0 + sBA‖_row, m and B A trainable"
     paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv 2402.09353)"
     test_params = {"rank": 2, "alpha": 4.0, "target_roles": ["q", "v"]}
