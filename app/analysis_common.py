@@ -308,7 +308,7 @@ def export_options(model: TaskModel, method: Method) -> ExportOptions:
     )
     rank = getattr(method.config, "rank", None)
     default_rank = int(rank) if isinstance(rank, int) and rank > 0 else 8
-    if not model.kind.startswith("hf"):
+    if not model.backend.supports_peft:
         reason = f"PEFT export needs a Hugging Face transformers model; {model.info.name} is a {model.kind} model"
         return ExportOptions(merged_reason, reason, reason, default_rank, None)
     if not layers:
@@ -325,12 +325,16 @@ def export_options(model: TaskModel, method: Method) -> ExportOptions:
     return ExportOptions(merged_reason, exact_reason, svd_reason, default_rank, default_rank if takes_rank else None)
 
 
-def adapter_export_options(adapter_dir: str | Path) -> ExportOptions:
-    """``export_options`` of a run's adapter directory (the adapter applied to a freshly loaded base model)."""
+def adapter_export_options(adapter_dir: str | Path, trust_remote_code: bool = False) -> ExportOptions:
+    """``export_options`` of a run's adapter directory (the adapter applied to a freshly loaded base model).
+
+    ``trust_remote_code`` comes from the run's spec in the database (``engine.export.run_trusts_remote_code``).
+    """
     from engine.export import apply_adapter, fresh_model, import_adapter
 
-    imported = import_adapter(adapter_dir)
-    model, method = apply_adapter(imported.meta, imported.tensors, fresh_model(imported.meta))
+    imported = import_adapter(adapter_dir, trust_remote_code=trust_remote_code)
+    base = fresh_model(imported.meta, trust_remote_code=trust_remote_code)
+    model, method = apply_adapter(imported.meta, imported.tensors, base)
     return export_options(model, method)
 
 

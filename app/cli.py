@@ -2,10 +2,11 @@
 
 python -m app.cli run SPEC.yaml [--json]     train in this process (no Ray)
 python -m app.cli submit SPEC.yaml [--seeds 0 1 2]   submit to Ray (local head or RAY_ADDRESS)
-python -m app.cli ls | show ID | cancel ID | logs ID | methods | models | datasets
-python -m app.cli analyze ID --kind spectra|importance|landscape [--json]   compute or reuse a stored analysis
+python -m app.cli ls | show ID | cancel ID | resume ID | logs ID | methods | models | datasets
+python -m app.cli analyze ID --kind spectra|importance|landscape|... [--json]   compute or reuse a stored analysis
 python -m app.cli export ID --format native|peft|merged --out DIR [--json]  write an adapter or merged model
 python -m app.cli import DIR [--name NAME]                                  record an exported adapter as a run
+python -m app.cli study STUDY.yaml [--wait] [--json] | study ls | study show ID | study cancel ID   (app/cli_study.py)
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from db import store
-from engine.spec import SpecError, load_spec
+from db import config, store
+from db.schema import RESUMABLE_STATUSES
+from engine.errors import UserError
+from engine.spec import load_spec
 
 
 def _print_json(obj: Any) -> None:
@@ -40,9 +43,11 @@ def _run_result(run: dict) -> dict:
 
 
 def cmd_run(args) -> int:
+    spec = load_spec(args.spec)
+    from engine.preflight import check
     from jobs.worker import execute
 
-    spec = load_spec(args.spec)
+    _warn(check(spec))  # model, dataset and method, before any run row exists (no cluster needed in-process)
     for seed in args.seeds or [spec.train.seed]:
         run_id = store.create_run(spec.with_seed(seed).model_dump(mode="json"), executor="inline")
         final = execute(run_id, echo=not args.json)
@@ -56,23 +61,21 @@ def cmd_run(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    spec = load_spec(args.spec)
+    from jobs.preflight import preflight
     from jobs.runs import submit_seeds
 
-    spec = load_spec(args.spec)
+    _warn(preflight(spec))  # model, dataset, method and the cluster's nodes, before any run row exists
     for run_id in submit_seeds(spec, args.seeds or [spec.train.seed]):
         print(run_id)
     return 0
 
 
 def cmd_ls(args) -> int:
-    from jobs.runs import reconcile
-
-    reconcile()
-    runs = store.list_runs(limit=args.limit)
+    runs = store.list_runs(limit=args.limit)  # applies the liveness rule: a run without heartbeats shows lost
     if args.json:
-        _print_json(
-            [{k: r[k] for k in ("id", "status", "method", "model", "dataset", "seed", "progress")} for r in runs]
-        )
+        _print_json([{"run_id": r["id"]} | {k: r[k] for k in ("status", "attempt", "method", "model", "dataset", "seed",
+                                                               "progress")} for r in runs])  # fmt: skip
         return 0
     print(f"{'run id':<30} {'status':<10} {'method':<13} {'model':<14} {'dataset':<17} seed  progress  accuracy")
     for r in runs:
@@ -83,12 +86,41 @@ def cmd_ls(args) -> int:
 
 
 def cmd_show(args) -> int:
-    run = store.get_run(args.run_id)
+    from db.schema import utcnow
+
+    run = store.get_run(args.run_id)  # applies the liveness rule
     if run is None:
-        print(f"no run {args.run_id}", file=sys.stderr)
-        return 1
-    _print_json(_run_result(run) | {"spec": run["spec"], "device": run["device"], "created_at": run["created_at"],
-                                    "started_at": run["started_at"], "finished_at": run["finished_at"]})  # fmt: skip
+        raise no_such_run(args.run_id)
+    age = (utcnow() - run["heartbeat_at"]).total_seconds() if run["heartbeat_at"] else None
+    _print_json(_run_result(run) | {
+        "attempt": run["attempt"], "owner": run["owner"], "heartbeat_age_s": age, "progress": run["progress"],
+        "spec": run["spec"], "device": run["device"], "created_at": run["created_at"],
+        "started_at": run["started_at"], "finished_at": run["finished_at"],
+    })  # fmt: skip
+    return 0
+
+
+def cmd_resume(args) -> int:
+    """Resume a failed, lost or cancelled run from its last checkpoint, as its next attempt."""
+    if args.inline:
+        from jobs.worker import execute
+
+        attempt = store.requeue(args.run_id, reason="resumed by the user (in this process)",
+                                only_from=RESUMABLE_STATUSES)  # fmt: skip
+        if attempt is None:
+            run = store.get_run(args.run_id)
+            what = "is not in the database" if run is None else f"is {run['status']}"
+            return _fail(f"run {args.run_id} {what}: only a {', '.join(RESUMABLE_STATUSES)} run can be resumed")
+        store.update_run(args.run_id, executor="inline")
+        final = execute(args.run_id, attempt=attempt, echo=not args.json)
+        print(json.dumps(_run_result(final) | {"attempt": attempt}, default=str) if args.json else
+              f"{args.run_id} attempt {attempt}: {final['status']}")  # fmt: skip
+        return 0 if final["status"] == "succeeded" else 1
+    from jobs.runs import resume_run
+
+    attempt = resume_run(args.run_id)
+    print(json.dumps({"run_id": args.run_id, "attempt": attempt}) if args.json else
+          f"{args.run_id}: attempt {attempt} queued; it resumes from the last checkpoint")  # fmt: skip
     return 0
 
 
@@ -174,17 +206,41 @@ def _fail(message: str) -> int:
     return 2
 
 
-LANDSCAPE_FLAGS = {"grid": "--grid", "span": "--span", "examples": "--examples", "landscape_kind": "--landscape-kind"}
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def no_such_run(run_id: str) -> UserError:
+    where = config.db_location()
+    return UserError(f"no run {run_id} in the database at {where}: list runs with python -m app.cli ls")
+
+
+def analysis_flags():
+    """The ``analyze`` options, generated from every registered analysis kind's params class."""
+    from engine.analysis.kinds import param_flags
+
+    return param_flags()
+
+
+def add_analysis_flags(parser: argparse.ArgumentParser) -> None:
+    for flag in analysis_flags():
+        options = dict(flag.options)
+        if options.pop("action", None) == "store_true_false":
+            options["action"] = argparse.BooleanOptionalAction
+        parser.add_argument(flag.flag, dest=flag.dest, **options)
 
 
 def cmd_analyze(args) -> int:
     from jobs.analysis import AnalysisError, compute_analysis
 
-    given = {name: getattr(args, name) for name in LANDSCAPE_FLAGS if getattr(args, name) is not None}
-    if given and args.kind != "landscape":
-        flags = ", ".join(LANDSCAPE_FLAGS[name] for name in given)
-        return _fail(f"options {flags} are for --kind landscape only (this is --kind {args.kind}): drop them")
-    params = {"kind" if name == "landscape_kind" else name: value for name, value in given.items()}
+    flags = [f for f in analysis_flags() if getattr(args, f.dest, None) is not None]
+    foreign = [f for f in flags if args.kind not in f.kinds]
+    if foreign:
+        owners = " or ".join(f"--kind {k}" for k in dict.fromkeys(k for f in foreign for k in f.kinds))
+        names = ", ".join(f.flag for f in foreign)
+        return _fail(f"options {names} are for {owners} only (this is --kind {args.kind}): drop them")
+    params = {f.field: getattr(args, f.dest) for f in flags}
     try:
         summary = compute_analysis(args.run_id, args.kind, params, force=args.force)
     except AnalysisError as err:
@@ -207,9 +263,10 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from engine.export import ExportError, export_run
+    from engine.errors import UserError
+    from engine.export import command_line_export_root, export_run, run_trusts_remote_code
     from engine.methods import build_method
-    from jobs.analysis import AnalysisError, trained_run
+    from jobs.analysis import trained_run
 
     if args.svd_rank is not None and args.format != "peft":
         return _fail("--svd-rank converts to the PEFT LoRA layout: use it with --format peft")
@@ -224,11 +281,11 @@ def cmd_export(args) -> int:
                 f"--format merged: method {method.name} of run {args.run_id} is not mergeable (its update is not a "
                 "dense ΔW that folds into the weights); use --format native"
             )
-        out = Path(args.out).expanduser()
-        root, name = (out.parent, out.name) if out.is_absolute() else (Path.cwd(), out)
-        result = export_run(adapter_dir, args.format, name, root=root, summary=run["summary"], svd_rank=args.svd_rank,
-                            factor_rank=args.rank, overwrite=args.overwrite)  # fmt: skip
-    except (AnalysisError, ExportError) as err:
+        # The root is PEFTLAB_EXPORTS or the current directory, never the output's own parent.
+        result = export_run(adapter_dir, args.format, Path(args.out).expanduser(), root=command_line_export_root(),
+                            summary=run["summary"], svd_rank=args.svd_rank, factor_rank=args.rank,
+                            overwrite=args.overwrite, trust_remote_code=run_trusts_remote_code(run))  # fmt: skip
+    except UserError as err:  # AnalysisError, ExportError, ModelError, SpecError
         return _fail(str(err))
     if args.json:
         _print_json({"run_id": args.run_id, "format": result.format, "path": str(result.path), "files": result.files,
@@ -246,11 +303,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from engine.export import ExportError, import_into_db
+    from engine.errors import UserError
+    from jobs.imports import record_import
 
     try:
-        run_id = import_into_db(args.dir, name=args.name)
-    except (ExportError, SpecError) as err:
+        run_id = record_import(args.dir, name=args.name, trust_remote_code=args.trust_remote_code)
+    except UserError as err:  # ExportError, ModelError, SpecError
         return _fail(str(err))
     if args.json:
         _print_json({"run_id": run_id})
@@ -278,7 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, helptext in (("show", cmd_show, "a run as JSON"), ("cancel", cmd_cancel, "cancel a run")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("run_id")
+        p.add_argument("--json", action="store_true", help="show: the output is JSON in any case")
         p.set_defaults(func=func)
+    p = sub.add_parser("resume", help="resume a failed, lost or cancelled run from its last checkpoint")
+    p.add_argument("run_id")
+    p.add_argument("--inline", action="store_true", help="train in this process instead of submitting to Ray")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_resume)
     p = sub.add_parser("logs", help="the tail of a run's log")
     p.add_argument("run_id")
     p.add_argument("--tail", type=int, default=100)
@@ -292,18 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("datasets", help="bundled datasets").set_defaults(func=cmd_datasets)
     p = sub.add_parser("analyze", help="compute (or reuse) a stored analysis of a trained run")
     p.add_argument("run_id")
-    p.add_argument("--kind", required=True, choices=["spectra", "importance", "landscape"])
+    from engine.analysis.kinds import analysis_kinds
+
+    p.add_argument("--kind", required=True, choices=analysis_kinds())
     p.add_argument("--json", action="store_true", help="print one JSON object (kind, artifacts, headline) last")
     p.add_argument("--force", action="store_true", help="recompute even if a stored artifact matches")
-    p.add_argument("--landscape-kind", choices=["2d", "1d", "interpolation"], help="landscape: default 2d")
-    p.add_argument("--grid", type=int, help="landscape: points per axis (default 11 for 2d, 21 for 1d)")
-    p.add_argument("--span", type=float, help="landscape: coordinate range [-span, span] (default 1.0)")
-    p.add_argument("--examples", type=int, help="landscape: evaluation examples (default 64)")
+    add_analysis_flags(p)  # --landscape-kind, --grid, --span, --examples, ... from the params classes
     p.set_defaults(func=cmd_analyze)
     p = sub.add_parser("export", help="export a run's adapter (native, PEFT LoRA) or the merged model")
     p.add_argument("run_id")
     p.add_argument("--format", required=True, choices=["native", "peft", "merged"])
-    p.add_argument("--out", required=True, help="output directory (relative to the current directory)")
+    p.add_argument("--out", required=True, help="output directory inside PEFTLAB_EXPORTS, else the current directory")
     p.add_argument("--rank", type=int, help="peft: rank of layers whose factors take one (DyLoRA)")
     p.add_argument("--svd-rank", type=int, help="peft: convert any mergeable method by truncated SVD at this rank")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
@@ -312,8 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="record an exported adapter directory (native or PEFT) as a run")
     p.add_argument("dir")
     p.add_argument("--name", help="name of the new run")
+    p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let the base model run its repository's Python (never taken from the imported files)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_import)
+    from app import cli_study
+
+    cli_study.add_parser(sub)
     return parser
 
 
@@ -321,9 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:  # bad input or an unusable environment: one line, no traceback
+        return _fail(" ".join(str(err).splitlines()))
+    except ConnectionError as err:  # a Ray cluster (RAY_ADDRESS) that does not answer
+        reason = " ".join(str(err).split())
+        return _fail(f"{reason}: start the cluster (python -m jobs.cluster start) or fix RAY_ADDRESS")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,33 @@ from pydantic import BaseModel
 
 from db import schema, store
 
-STATUS_ICONS = {"queued": "⏳", "running": "🏃", "succeeded": "✅", "failed": "❌", "cancelled": "⛔"}
+STATUS_ICONS = {
+    "queued": "⏳",
+    "running": "🏃",
+    "succeeded": "✅",
+    "failed": "❌",
+    "cancelled": "⛔",
+    "stopped": "✂️",
+    "lost": "❓",
+}
+
+
+def resume_button(run: dict, key: str) -> None:
+    """A Resume button for a failed, lost or cancelled run: its next attempt continues from the last checkpoint."""
+    from db.schema import RESUMABLE_STATUSES
+    from engine.errors import UserError
+
+    if run["status"] not in RESUMABLE_STATUSES:
+        return
+    if st.button("Resume", key=key, help="Queue the next attempt; it continues from the run's last checkpoint"):
+        from jobs.runs import resume_run
+
+        try:
+            attempt = resume_run(run["id"])
+        except UserError as err:
+            st.error(str(err))
+        else:
+            st.toast(f"{run['id']}: attempt {attempt} queued")
 
 
 def run_label(run: dict) -> str:
@@ -76,14 +102,16 @@ def _unwrap_optional(annotation) -> tuple[Any, bool]:
     return annotation, False
 
 
-def config_form(config_cls: type[BaseModel], key_prefix: str) -> dict[str, Any]:
-    """Widgets for every field of a method's config (defaults and help from the config); returns values."""
+def config_form(config_cls: type[BaseModel], key_prefix: str, initial: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Widgets for every field of a method's config (defaults and help from the config, or from ``initial``, e.g. a
+    cloned run's parameters); returns the values."""
+    start = dict(initial or {})
     from engine.models import ROLES
 
     values: dict[str, Any] = {}
     for name, field in config_cls.model_fields.items():
         ann, optional = _unwrap_optional(field.annotation)
-        default = field.get_default(call_default_factory=True)
+        default = start[name] if name in start else field.get_default(call_default_factory=True)
         label, help_, key = name.replace("_", " "), field.description, f"{key_prefix}.{name}"
         origin = typing.get_origin(ann)
         if ann is bool:

@@ -17,6 +17,7 @@ PAGES = {
     "Experiments": [
         st.Page("pages/launch.py", title="Launch", icon="🚀", default=True),
         st.Page("pages/runs.py", title="Runs", icon="📋"),
+        st.Page("pages/study.py", title="Studies", icon="🔬"),
         st.Page("pages/run_detail.py", title="Run detail", icon="🔎"),
     ],
 }

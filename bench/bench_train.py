@@ -1,9 +1,10 @@
 """Training-step, memory and merged-inference benchmarks on MiniLM-L6 (tweets-sentiment).
 
-A *train step* is what one iteration of ``engine.train.train`` does: forward (bf16 autocast on CUDA), the
-method's extra loss, backward, gradient clipping at 1.0, AdamW (``engine.train.make_optimizer``), zeroing the
-gradients and the method's ``on_step_end`` hook, on one fixed batch (padded to a fixed length, so every step
-does the same work). Warm-up steps are not timed.
+A *train step* is what one iteration of ``engine.train.train`` does: ``engine.train.train_step`` (forward under
+bf16 autocast on CUDA, the method's extra loss, the finite-loss check, backward, gradient clipping at 1.0 with the
+finite-norm check, AdamW from ``engine.train.make_optimizer``, zeroing the gradients), then the method's
+``on_step_end`` hook, on one fixed batch (padded to a fixed length, so every step does the same work). Warm-up
+steps are not timed.
 
 * ``peft``: our LoRA against Hugging Face PEFT's LoRA, same base weights, same adapter weights (copied), same
   targets (q, v), same trainable set (adapters + task head) and optimizer. Timed in the same repetitions: the
@@ -45,7 +46,7 @@ from bench.common import (
 from engine.methods import Method, TrainContext, build_method, method_names
 from engine.models import TaskModel, count_parameters, load_model
 from engine.spec import RunSpec
-from engine.train import classification_loss, make_optimizer
+from engine.train import classification_loss, make_optimizer, train_step
 
 MODEL = "minilm-l6"
 NUM_LABELS = 3  # tweets-sentiment: negative, neutral, positive
@@ -93,7 +94,8 @@ class Workload:
 class TrainStep:
     """One optimizer step of ``engine.train.train``'s loop, on a fixed batch, as a callable.
 
-    ``method`` is None for a model adapted outside our registry (the PEFT reference): no hooks then.
+    ``method`` is None for a model adapted outside our registry (the PEFT reference): no extra loss and no hooks
+    then, but the same ``engine.train.train_step`` as every other model.
     """
 
     def __init__(self, model: TaskModel, method: Method | None, batch: dict[str, torch.Tensor], spec: RunSpec):
@@ -117,16 +119,10 @@ class TrainStep:
 
     def __call__(self) -> None:
         model, method = self.model, self.method
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss, _ = classification_loss(model, self.batch)
-            extra = method.extra_loss(model) if method is not None else None
-            if extra is not None:
-                loss = loss + extra
-        loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        train_step(
+            model, method, self.optimizer, self.batch,
+            lr=self.spec.train.lr, grad_clip=self.grad_clip, device=self.device, step=self.ctx.step,
+        )  # fmt: skip
         self.ctx.step += 1
         if method is not None and method.on_step_end(self.ctx):
             self.optimizer = make_optimizer(model, self.spec)

@@ -3,6 +3,11 @@
 - ``PEFTLAB_HOME``: local state directory (default ``.peftlab`` in the project root).
 - ``PEFTLAB_DB_URL``: any SQLAlchemy URL (default: a SQLite file in the home directory).
 - ``PEFTLAB_ARTIFACTS``: artifact root shared by every worker (default: ``artifacts`` in the home).
+- ``PEFTLAB_EXPORTS``: export root of the Export page (default: ``exports`` in the home; the command line's is
+  ``engine.export.command_line_export_root``).
+
+The home and the artifact root are readable by their owner only (mode 0700), and so is the SQLite database
+(0600, ``db.store.get_engine``).
 """
 
 from __future__ import annotations
@@ -13,10 +18,21 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def home() -> Path:
-    path = Path(os.environ.get("PEFTLAB_HOME", PROJECT_ROOT / ".peftlab")).resolve()
-    path.mkdir(parents=True, exist_ok=True)
+def private_dir(path: Path) -> Path:
+    """Create ``path`` with mode 0700, or tighten it to 0700 if it exists with wider modes and is ours.
+
+    The mode is set with ``chmod`` after ``mkdir``, so it does not depend on the umask. A directory owned by
+    someone else is left as it is (we could not change it).
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid == os.getuid() and info.st_mode & 0o777 != 0o700:
+        path.chmod(0o700)
     return path
+
+
+def home() -> Path:
+    return private_dir(Path(os.environ.get("PEFTLAB_HOME", PROJECT_ROOT / ".peftlab")).resolve())
 
 
 def db_url() -> str:
@@ -24,9 +40,12 @@ def db_url() -> str:
 
 
 def artifacts_root() -> Path:
-    path = Path(os.environ.get("PEFTLAB_ARTIFACTS", home() / "artifacts")).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return private_dir(Path(os.environ.get("PEFTLAB_ARTIFACTS", home() / "artifacts")).resolve())
+
+
+def exports_root() -> Path:
+    """The Export page's export root: ``PEFTLAB_EXPORTS`` if set, else ``exports`` in the home directory."""
+    return Path(os.environ.get("PEFTLAB_EXPORTS") or home() / "exports")
 
 
 def run_dir(run_id: str) -> Path:
@@ -44,3 +63,13 @@ def home_env(path: Path) -> dict[str, str]:
         "PEFTLAB_ARTIFACTS": str(path / "artifacts"),
         "PEFTLAB_EXPORTS": str(path / "exports"),
     }
+
+
+def db_location() -> str:
+    """The database URL as shown in messages (a password in it is hidden)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(db_url()).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparseable URL is shown as it is set
+        return db_url()

@@ -1,4 +1,5 @@
-"""Database access: engine creation, versioned schema, and every query the app, CLI and workers use.
+"""Database access: engine creation, schema migrations (alembic, db/migrations), and every query the app, CLI
+and workers use.
 
 Pages, the CLI and the worker never write SQL themselves; they call these functions.
 """
@@ -6,21 +7,35 @@ Pages, the CLI and the worker never write SQL themselves; they call these functi
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, delete, event, func, insert, inspect, make_url, select, text, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, CursorResult, Engine, Result
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import config
-from db.schema import ACTIVE_STATUSES, Artifact, Base, Experiment, Metric, Run, SchemaVersion, utcnow
+from db.schema import (
+    LOST_AFTER_S,
+    STATUSES,
+    Artifact,
+    Experiment,
+    Metric,
+    Run,
+    sources_of,
+    utcnow,
+)
 
 # --- engine and schema ---------------------------------------------------------------------------
 
@@ -34,43 +49,104 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def _migration_1(conn) -> None:
-    Base.metadata.create_all(conn)
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# A database made before alembic has the old hand-written list's schema_version table: its version -> revision.
+LEGACY_REVISIONS = {1: "0001", 2: "0002"}
 
 
-# Versioned schema: append a function for each change; never edit one that has shipped.
-MIGRATIONS = [_migration_1]
-SCHEMA_VERSION = len(MIGRATIONS)
+def alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    """Alembic's configuration, in code (no alembic.ini): the revisions in db/migrations, run on ``connection``."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
 
 
-def migrate(engine: Engine) -> int:
-    """Bring the schema to SCHEMA_VERSION; returns the version found before."""
-    with engine.begin() as conn:
-        if not inspect(conn).has_table("schema_version"):
-            SchemaVersion.__table__.create(conn)
-        current = conn.execute(select(func.max(SchemaVersion.version))).scalar() or 0
-        if current > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"database schema version {current} is newer than this code ({SCHEMA_VERSION}): update PEFT Lab"
-            )
-        for version in range(current + 1, SCHEMA_VERSION + 1):
-            MIGRATIONS[version - 1](conn)
-            conn.execute(insert(SchemaVersion).values(version=version, applied_at=utcnow()))
-    return current
+def head_revision() -> str:
+    """The newest schema revision this code knows."""
+    return cast(str, ScriptDirectory.from_config(alembic_config()).get_current_head())
 
 
-@lru_cache(maxsize=8)
-def get_engine(url: str | None = None) -> Engine:
-    url = url or config.db_url()
+def _newer(found: object, head: str) -> RuntimeError:
+    return RuntimeError(f"database schema version {found} is newer than this code ({head}): update PEFT Lab")
+
+
+def migrate(engine: Engine) -> str | None:
+    """Bring the schema to the head revision through alembic; returns the revision found before (None: a new
+    database). A database of the old hand-written migrations is stamped at its matching revision first (and its
+    schema_version table dropped); one at a revision this code does not know is refused."""
+    script = ScriptDirectory.from_config(alembic_config())
+    head = cast(str, script.get_current_head())
+    with engine.connect() as conn:
+        if MigrationContext.configure(conn).get_current_revision() == head:
+            return head  # the common case, for every new engine: nothing to do
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            # SQLite alters most things by copying the table (batch mode); with foreign keys on, dropping the old
+            # copy would delete the rows that reference it (ON DELETE CASCADE). Off while migrating, checked before
+            # the commit (sqlite.org/lang_altertable.html); a pragma that cannot change inside a transaction.
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+        try:
+            with conn.begin():
+                before = _upgrade(conn, script, head)
+                if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise RuntimeError("the schema migration left rows whose foreign keys match nothing")
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
+    return before
+
+
+def _upgrade(conn: Connection, script: ScriptDirectory, head: str) -> str | None:
+    # One migrator at a time: the others wait here, then find the schema current.
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    elif conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(7065667416)"))
+    before = MigrationContext.configure(conn).get_current_revision()
+    if before is None and inspect(conn).has_table("schema_version"):
+        legacy = conn.execute(text("SELECT max(version) FROM schema_version")).scalar()
+        if legacy is not None and legacy not in LEGACY_REVISIONS:
+            raise _newer(legacy, head)
+        if legacy is not None:
+            before = LEGACY_REVISIONS[legacy]
+            command.stamp(alembic_config(conn), before)
+        conn.execute(text("DROP TABLE schema_version"))
+    if before is not None and before not in {s.revision for s in script.walk_revisions()}:
+        raise _newer(before, head)
+    command.upgrade(alembic_config(conn), "head")
+    return before
+
+
+def new_engine(url: str) -> Engine:
+    """An engine for ``url`` with PEFT Lab's settings (SQLite: a private file, WAL, busy timeout, foreign keys),
+    its schema left as it is."""
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         database = make_url(url).database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        if database and database != ":memory:" and not database.startswith("file:"):
+            # Readable by the owner only: create the file 0600 before SQLite opens it (SQLite gives its -wal and
+            # -shm files the database file's mode) and tighten an existing database and its -wal/-shm files.
+            path = Path(database)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                if file.exists() and file.stat().st_uid == os.getuid() and file.stat().st_mode & 0o777 != 0o600:
+                    file.chmod(0o600)
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
         event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+@lru_cache(maxsize=8)
+def get_engine(url: str | None = None) -> Engine:
+    engine = new_engine(url or config.db_url())
     migrate(engine)
     return engine
 
@@ -102,6 +178,12 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         yield session
 
 
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched. ``Session.execute`` types its result as Result; for those statements it is
+    a CursorResult, which has ``rowcount``."""
+    return cast(CursorResult[Any], result).rowcount
+
+
 # --- runs ----------------------------------------------------------------------------------------
 
 
@@ -120,14 +202,18 @@ def _experiment_id(session: Session, name: str) -> int:
 
 
 def create_run(
-    spec: dict[str, Any], *, executor: str = "ray", run_id: str | None = None, status: str = "queued"
-) -> str:
-    """Insert a run row for a validated RunSpec (as a JSON-able dict) and return its id."""
+    spec: dict[str, Any], *, executor: str = "ray", run_id: str | None = None, status: str = "queued",
+    study_id: str | None = None, trial_params: dict[str, Any] | None = None,
+) -> str:  # fmt: skip
+    """Insert a run row for a validated RunSpec (as a JSON-able dict) and return its id; a study's trial also
+    records its study and the searched fields' values."""
     run_id = run_id or new_run_id()
     with session_scope() as s:
         s.add(
             Run(
                 id=run_id,
+                study_id=study_id,
+                trial_params=trial_params,
                 experiment_id=_experiment_id(s, spec.get("experiment", "default")),
                 name=spec.get("name"),
                 model=spec["model"],
@@ -152,6 +238,7 @@ def run_to_dict(run: Run) -> dict[str, Any]:
 
 
 def get_run(run_id: str) -> dict[str, Any] | None:
+    expire_stale()
     with session_scope() as s:
         run = s.get(Run, run_id)
         return run_to_dict(run) if run else None
@@ -162,10 +249,14 @@ def list_runs(
     status: Sequence[str] | None = None,
     methods: Sequence[str] | None = None,
     experiment: str | None = None,
+    study: str | None = None,
     limit: int | None = 500,
 ) -> list[dict[str, Any]]:
+    expire_stale()
     with session_scope() as s:
         q = select(Run).order_by(Run.created_at.desc())
+        if study:
+            q = q.where(Run.study_id == study)
         if status:
             q = q.where(Run.status.in_(list(status)))
         if methods:
@@ -177,43 +268,106 @@ def list_runs(
         return [run_to_dict(r) for r in s.scalars(q)]
 
 
-def update_run(run_id: str, *, only_if_status: Iterable[str] | None = None, **fields: Any) -> bool:
-    """Update columns of a run; with ``only_if_status`` only while the run is in one of those states.
-
-    The conditional form is what keeps final states final: a worker finishing after a cancel
-    cannot turn ``cancelled`` back into ``succeeded``.
-    """
-    stmt = update(Run).where(Run.id == run_id).values(**fields)
-    if only_if_status is not None:
-        stmt = stmt.where(Run.status.in_(list(only_if_status)))
+def update_run(run_id: str, **fields: Any) -> bool:
+    """Update columns of a run other than its status (statuses change only through ``transition``)."""
+    if "status" in fields:
+        raise ValueError("update_run does not change a status: use transition()")
     with session_scope() as s:
-        return s.execute(stmt).rowcount > 0
+        return _rowcount(s.execute(update(Run).where(Run.id == run_id).values(**fields))) > 0
+
+
+def transition(
+    run_id: str, to: str, *, of_attempt: int | None = None, only_from: Iterable[str] | None = None, **fields: Any
+) -> bool:
+    """Move a run to status ``to`` in one conditional UPDATE; True if it moved.
+
+    It moves only from a status that may reach ``to`` (``db.schema.TRANSITIONS``), narrowed to ``only_from`` if
+    given, and, with ``of_attempt``, only while that attempt is the run's current one, so a worker whose attempt was
+    taken over can write nothing.
+    """
+    if to not in STATUSES:
+        raise ValueError(f"unknown run status {to!r}")
+    allowed = [s for s in sources_of(to) if only_from is None or s in set(only_from)]
+    stmt = update(Run).where(Run.id == run_id, Run.status.in_(allowed))
+    if of_attempt is not None:
+        stmt = stmt.where(Run.attempt == of_attempt)
+    with session_scope() as s:
+        return _rowcount(s.execute(stmt.values(status=to, **fields))) > 0
+
+
+def claim(run_id: str, attempt: int, owner: str, device: str) -> bool:
+    """A worker takes its attempt of a queued run: running, owned by ``owner`` (host:pid)."""
+    now = utcnow()
+    return transition(
+        run_id, "running", of_attempt=attempt, only_from=("queued",), owner=owner, device=device,
+        started_at=func.coalesce(Run.started_at, now), heartbeat_at=now, finished_at=None, error=None,
+    )  # fmt: skip
 
 
 def mark_running(run_id: str, device: str) -> bool:
-    now = utcnow()
-    return update_run(
-        run_id, only_if_status=("queued",), status="running", started_at=now, heartbeat_at=now, device=device
-    )
+    """Claim attempt 1 of a queued run for this process (tests and simple callers)."""
+    return claim(run_id, 1, owner_id(), device)
 
 
-def finish_run(run_id: str, status: str, *, error: str | None = None, summary: dict | None = None) -> bool:
-    """Set a final status unless the run already has one (first final status wins)."""
-    fields: dict[str, Any] = {"status": status, "finished_at": utcnow()}
+def owner_id() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def finish_run(
+    run_id: str, status: str, *, error: str | None = None, summary: dict | None = None, attempt: int | None = None
+) -> bool:
+    """Set a final status, only from a status that may reach it (a cancelled run stays cancelled)."""
+    fields: dict[str, Any] = {"finished_at": utcnow()}
     if error is not None:
         fields["error"] = error
     if summary is not None:
         fields["summary"] = summary
     if status == "succeeded":
         fields["progress"] = 1.0
-    return update_run(run_id, only_if_status=ACTIVE_STATUSES, **fields)
+    return transition(run_id, status, of_attempt=attempt, **fields)
 
 
-def heartbeat(run_id: str, progress: float | None = None) -> None:
+def heartbeat(run_id: str, progress: float | None = None, *, attempt: int | None = None) -> bool:
+    """The live attempt says it is alive; False if the run is no longer running this attempt."""
     fields: dict[str, Any] = {"heartbeat_at": utcnow()}
     if progress is not None:
         fields["progress"] = float(progress)
-    update_run(run_id, only_if_status=ACTIVE_STATUSES, **fields)
+    stmt = update(Run).where(Run.id == run_id, Run.status == "running").values(**fields)
+    if attempt is not None:
+        stmt = stmt.where(Run.attempt == attempt)
+    with session_scope() as s:
+        return _rowcount(s.execute(stmt)) > 0
+
+
+def expire_stale(now: datetime | None = None) -> int:
+    """The liveness rule, applied by every reader: a running attempt whose heartbeat is older than
+    ``LOST_AFTER_S`` is lost. One UPDATE; returns how many runs it marked."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=LOST_AFTER_S)
+    stmt = (
+        update(Run)
+        .where(Run.status == "running", Run.heartbeat_at < cutoff)
+        .values(status="lost", error=f"no heartbeat for more than {LOST_AFTER_S:.0f} s: the worker or its node died")
+    )
+    with session_scope() as s:
+        return _rowcount(s.execute(stmt))
+
+
+def requeue(run_id: str, *, reason: str, only_from: Iterable[str] | None = None) -> int | None:
+    """Queue the run's next attempt (a retry or a resume) in one UPDATE; returns the new attempt number, or None if
+    the run is not in a status that can be queued again (or another caller queued it first). ``heartbeat_at`` is
+    set to when it was queued, so a sweep gives its submission the same grace as a new run's."""
+    with session_scope() as s:
+        attempt = s.scalar(select(Run.attempt).where(Run.id == run_id))
+    if attempt is None:
+        return None
+    moved = transition(
+        run_id, "queued", of_attempt=attempt, only_from=only_from, attempt=attempt + 1, owner=None,
+        finished_at=None, heartbeat_at=utcnow(), error=reason,
+    )  # fmt: skip
+    return attempt + 1 if moved else None
 
 
 def delete_run(run_id: str) -> None:
@@ -227,13 +381,32 @@ def delete_run(run_id: str) -> None:
 # --- metrics -------------------------------------------------------------------------------------
 
 
-def log_metrics(run_id: str, rows: Iterable[tuple[int, str, float]]) -> int:
-    """Insert (step, key, value) rows in one transaction (executemany); returns the count."""
-    payload = [{"run_id": run_id, "step": int(st), "key": k, "value": float(v)} for st, k, v in rows]
-    if payload:
-        with session_scope() as s:
-            s.execute(insert(Metric), payload)
+def log_metrics(run_id: str, rows: Iterable[tuple[int, str, float]], *, attempt: int | None = None) -> int:
+    """Insert (step, key, value) rows in one transaction (executemany); returns how many were stored.
+
+    A NaN value is skipped (SQL has no NaN in every database; the run's error says what diverged), infinities are
+    stored as such, and the rest of the batch is always kept. With ``attempt``, the rows are written only while
+    that attempt owns the running run (checked in the same transaction, which also counts as a heartbeat).
+    """
+    payload = [
+        {"run_id": run_id, "step": int(st), "key": k, "value": float(v)} for st, k, v in rows if not math.isnan(v)
+    ]
+    if not payload:
+        return 0
+    with session_scope() as s:
+        if attempt is not None:
+            owned = update(Run).where(Run.id == run_id, Run.attempt == attempt, Run.status == "running")
+            if _rowcount(s.execute(owned.values(heartbeat_at=utcnow()))) == 0:
+                return 0
+        s.execute(insert(Metric), payload)
     return len(payload)
+
+
+def truncate_metrics(run_id: str, after_step: int) -> int:
+    """Delete the run's metrics logged after ``after_step`` (a resumed attempt restarts from its checkpoint there,
+    so the curves join without duplicates); returns how many rows went."""
+    with session_scope() as s:
+        return _rowcount(s.execute(delete(Metric).where(Metric.run_id == run_id, Metric.step > after_step)))
 
 
 def get_metrics(run_ids: Sequence[str], keys: Sequence[str] | None = None):

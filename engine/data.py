@@ -8,15 +8,20 @@ text; images stay raw in [0, 1] and the model wrapper resizes and normalises the
 from __future__ import annotations
 
 import csv
+import io
 import json
-from collections.abc import Iterator
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from engine.errors import UserError
 from engine.spec import DatasetSpec
 
 BUNDLED = {
@@ -25,8 +30,8 @@ BUNDLED = {
 }
 
 
-class DataError(ValueError):
-    pass
+class DataError(UserError):
+    """A dataset that cannot be read or used; the message names the file (and line) and the fix."""
 
 
 @dataclass
@@ -73,9 +78,12 @@ def tweets_csv_path() -> Path:
 
 
 def _labels_from_strings(values: list[str], order: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    names = order or sorted(set(values), key=str)
-    index = {n: i for i, n in enumerate(names)}
-    return np.array([index[v] for v in values], dtype=np.int64), names
+    """Class ids for label strings; integer labels keep their numeric order (``"2"`` before ``"10"``)."""
+    if order is None:
+        numeric = all(_INTEGER.fullmatch(v) for v in values)
+        order = sorted(set(values), key=int if numeric else str)
+    index = {n: i for i, n in enumerate(order)}
+    return np.array([index[v] for v in values], dtype=np.int64), order
 
 
 def _read_tweets() -> RawData:
@@ -93,30 +101,162 @@ def _read_digits() -> RawData:
     return RawData("image", images, d.target.astype(np.int64), [str(i) for i in range(10)])
 
 
+_INTEGER = re.compile(r"[+-]?\d+")
+_DECIMAL = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)")
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark is dropped), or a DataError naming the file, the line and the fix."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(
+            f"dataset.name: {path} cannot be read ({err.strerror}): check the path and its permissions"
+        ) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"dataset.name: {path} is not UTF-8 text (line {line} has the byte 0x{data[err.start]:02x}): "
+            "save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet, or iconv -t utf-8)"
+        ) from None
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+    """(line number, row) for every non-blank row; a row whose field count differs from the header's is refused."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"dataset.name: {path} is empty: write a header line (e.g. text,label), then one row each")
+        for fields in reader:
+            if not fields:
+                continue  # a blank line
+            if len(fields) != len(header):
+                raise DataError(
+                    f"dataset.name: {path} line {reader.line_num} has {len(fields)} fields where the header has "
+                    f"{len(header)}: fix that row (quote a field that holds a comma)"
+                )
+            rows.append((reader.line_num, dict(zip(header, fields))))
+    except csv.Error as err:
+        raise DataError(
+            f"dataset.name: {path} line {reader.line_num} is not valid CSV ({err}): fix that line"
+        ) from None
+    if not rows:
+        raise DataError(f"dataset.name: {path} has no rows: add one row per example below the header")
+    return rows
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a line that is not a JSON object is refused."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"dataset.name: {path} line {number} is not valid JSON ({err.msg}, column {err.colno}): "
+                "write one JSON object per line"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(
+                f"dataset.name: {path} line {number} holds a JSON {type(row).__name__}, not an object: "
+                'write one JSON object per line, e.g. {"text": "...", "label": 0}'
+            )
+        rows.append((number, row))
+    if not rows:
+        raise DataError(f"dataset.name: {path} has no rows: write one JSON object per line")
+    return rows
+
+
+def _label(value, path: Path, number: int, column: str) -> str:
+    """A label as its class name: integers and strings are classes; decimals, empty values and the rest are not."""
+    where = f"dataset.label_column: {path} line {number}"
+    if isinstance(value, str):
+        value = value.strip()
+    if isinstance(value, float) or (isinstance(value, str) and _DECIMAL.fullmatch(value)):
+        raise DataError(
+            f"{where}: label {value!r} in column {column!r} is a decimal number: labels must be integers (class "
+            "ids) or strings (class names); map the values to classes"
+        )
+    if value is None or value == "":
+        raise DataError(f"{where}: the label in column {column!r} is empty: give every example a label")
+    if isinstance(value, (list, dict)):
+        kind = type(value).__name__
+        raise DataError(f"{where}: label in column {column!r} is a JSON {kind}: use an integer or a string")
+    return str(value)
+
+
 def _read_user_file(spec: DatasetSpec) -> RawData:
     path = Path(spec.name)
     if not path.is_file():
         raise DataError(
             f"dataset.name {spec.name!r} is neither a bundled dataset ({', '.join(BUNDLED)}) "
-            "nor an existing .csv/.jsonl file"
+            f"nor an existing .csv/.jsonl file (looked for {path.resolve()}): give the path of your file"
         )
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = _csv_rows(path, _read_text(path))
     elif path.suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = _jsonl_rows(path, _read_text(path))
     else:
         raise DataError(f"dataset.name {spec.name!r}: only .csv and .jsonl files are read")
-    if not rows:
-        raise DataError(f"dataset file {path} has no rows")
+    _, first = rows[0]
     for col, fld in ((spec.text_column, "dataset.text_column"), (spec.label_column, "dataset.label_column")):
-        if col not in rows[0]:
-            raise DataError(f"{fld}: column {col!r} not in {path.name} (columns: {', '.join(rows[0])})")
-    labels, names = _labels_from_strings([str(r[spec.label_column]) for r in rows])
-    return RawData("text", [str(r[spec.text_column]) for r in rows], labels, names)
+        if col not in first:
+            raise DataError(f"{fld}: column {col!r} not in {path.name} (columns: {', '.join(first)})")
+        for number, row in rows:
+            if col not in row:
+                raise DataError(f"{fld}: {path} line {number} has no {col!r} field: give every line the same fields")
+    texts = []
+    for number, row in rows:
+        if row[spec.text_column] is None:
+            raise DataError(f"dataset.text_column: {path} line {number}: the text is null: give every example a text")
+        texts.append(str(row[spec.text_column]))
+    labels, names = _labels_from_strings([_label(r[spec.label_column], path, n, spec.label_column) for n, r in rows])
+    if len(names) < 2:
+        raise DataError(
+            f"dataset.label_column: {path} has one class only ({names[0]!r} in column {spec.label_column!r}): "
+            "a classifier needs at least two classes"
+        )
+    return RawData("text", texts, labels, names)
+
+
+# --- a warm process's cache -------------------------------------------------------------------------
+# A study's trial actors live on from trial to trial: what they read and tokenised for one trial serves the next
+# with the same dataset (and tokenizer). Keyed by everything the result depends on (a user file by its size and
+# modification time), so a hit is exactly what a fresh read would give.
+_CACHE: OrderedDict[tuple, Any] = OrderedDict()
+CACHE_ENTRIES = 4
+
+
+def _cached(key: tuple, build: Callable[[], Any]) -> Any:
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = _CACHE[key] = build()
+    while len(_CACHE) > CACHE_ENTRIES:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def _source_key(spec: DatasetSpec) -> tuple:
+    if spec.name in ("tweets-sentiment", "digits"):
+        return (spec.name,)
+    stat = Path(spec.name).stat() if Path(spec.name).is_file() else None
+    file = (stat.st_size, stat.st_mtime_ns) if stat else None
+    return (spec.name, file, spec.text_column, spec.label_column)
 
 
 def read_raw(spec: DatasetSpec) -> RawData:
+    raw: RawData = _cached(("raw", *_source_key(spec)), lambda: _read_raw(spec))
+    return raw
+
+
+def _read_raw(spec: DatasetSpec) -> RawData:
     if spec.name == "tweets-sentiment":
         return _read_tweets()
     if spec.name == "digits":
@@ -153,9 +293,19 @@ def _encode(raw: RawData, idx: np.ndarray, tokenizer, max_length: int) -> Split:
 
 
 def load_data(spec: DatasetSpec, tokenizer=None, raw: RawData | None = None) -> DataBundle:
-    raw = raw or read_raw(spec)
+    if raw is None:
+        raw = read_raw(spec)
     if raw.modality == "text" and tokenizer is None:
         raise DataError(f"dataset {spec.name!r} is text: pick a text model (e.g. minilm-l6), not a vision one")
+    tokenizer_key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", None), len(tokenizer or ()))
+    source: RawData = raw
+    if source is _CACHE.get(("raw", *_source_key(spec))) and tokenizer_key[1]:
+        key = ("encoded", spec.model_dump_json(), *tokenizer_key)
+        return _cached(key, lambda: _split_and_encode(spec, tokenizer, source))
+    return _split_and_encode(spec, tokenizer, source)
+
+
+def _split_and_encode(spec: DatasetSpec, tokenizer, raw: RawData) -> DataBundle:
     train_idx, eval_idx = split_indices(len(raw.labels), spec)
     return DataBundle(
         train=_encode(raw, train_idx, tokenizer, spec.max_length),

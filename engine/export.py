@@ -35,7 +35,12 @@ From it, ``export_run`` writes one of three formats into a directory under an ex
 Every export is written into a temporary directory beside the target and renamed into place, with a
 ``manifest.json`` holding the sha256 of every file; output names that leave the export root (``..``, absolute
 paths elsewhere, symlinks) are refused. ``import_adapter`` reads a native or PEFT directory back (PEFT LoRA keys
-map to our ``lora`` method) and ``import_into_db`` records it as a succeeded run with executor ``import``.
+map to our ``lora`` method); ``plan_import`` and ``write_imported_files`` prepare an import for
+``jobs.imports.record_import``, which records it as a succeeded run with executor ``import`` (the engine never
+writes the database).
+
+No file read here turns ``trust_remote_code`` on: every function that loads a base model takes it from its caller
+(the CLI's ``import --trust-remote-code``, or ``run_trusts_remote_code``: the run's spec in the database).
 """
 
 from __future__ import annotations
@@ -54,18 +59,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from db import config
-from db.store import sha256_file
+from engine.backends import get_backend, list_backends
+from engine.errors import UserError
 from engine.methods import Method, build_method
-from engine.methods.base import PeftVariant
-from engine.models import ROLES, SplitQKV, TaskModel, count_parameters, load_model
+from engine.methods.base import AdaptedLinear, PeftVariant
+from engine.models import ROLES, TaskModel, count_parameters, load_model
 from engine.train import ADAPTER_CONFIG_FILE, ADAPTER_FILE
 
 ExportFormat = Literal["native", "peft", "merged"]
@@ -76,16 +81,16 @@ README_FILE = "README.md"
 LAB_META_FILE = "peftlab.json"  # lab metadata beside a PEFT or merged export (PEFT and transformers ignore it)
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-MERGED_TIMM_WEIGHTS = "model.safetensors"
-MERGED_TIMM_CONFIG = "config.json"
 
 
 # An exact (non-SVD) LoRA export must reproduce each layer's dense weight to this relative Frobenius error
 # (float32 rounding of ``W0 + ΔW`` is ~1e-7).
 EXACT_TOLERANCE = 1e-5
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-class ExportError(ValueError):
+
+class ExportError(UserError):
     """An export or import that cannot be done; the message says why and what to do."""
 
 
@@ -111,46 +116,78 @@ def lab_version() -> str:
     try:
         return f"peftlab {version('peftlab')}"
     except PackageNotFoundError:
-        pyproject = config.PROJECT_ROOT / "pyproject.toml"
+        pyproject = PROJECT_ROOT / "pyproject.toml"
         found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
         return f"peftlab {found.group(1) if found else 'unknown'}"
 
 
-def default_export_root() -> Path:
-    """``PEFTLAB_EXPORTS`` if set, else ``exports`` in the PEFT Lab home directory."""
-    return Path(os.environ.get("PEFTLAB_EXPORTS") or config.home() / "exports")
+def command_line_export_root() -> Path:
+    """The command line's export root: ``PEFTLAB_EXPORTS`` if set, else the current directory.
+
+    Never derived from the output path itself (an output's own parent would let any absolute path through).
+    """
+    return Path(os.environ.get("PEFTLAB_EXPORTS") or Path.cwd())
 
 
-def resolve_export_dir(out: str | Path, root: str | Path | None = None) -> Path:
+def resolve_export_dir(out: str | Path, root: str | Path) -> Path:
     """The directory ``out`` (relative to ``root``, or absolute inside it), refusing anything that leaves ``root``.
 
-    Refused: any ``..`` component, an absolute path outside the root, the root itself, and a symlink anywhere
-    between the root and the target (a link could redirect the write even when the name looks inside).
+    The caller chooses the root: the Export page's is ``db.config.exports_root()``, the command line's
+    ``command_line_export_root()``.
+
+    Refused, each with a one-line ``UnsafePathError`` naming the path and the fix: an empty name, any ``..``
+    component (``../x``, ``/tmp/x/../../y``), an absolute path outside the root, the root itself, and a symlink
+    anywhere between the root and the target (a link could redirect the write even when the name looks inside).
+    The result is resolved (symlinks of the root itself included) and checked to lie inside the resolved root.
     """
-    root_path = Path(root) if root is not None else default_export_root()
-    root_path.mkdir(parents=True, exist_ok=True)
-    root_path = root_path.resolve()
-    out_path = Path(out)
+    given_root = Path(root).expanduser().absolute()
+    given_root.mkdir(parents=True, exist_ok=True)
+    root_path = given_root.resolve()
     if not str(out).strip():
-        raise UnsafePathError("the export name is empty: give a directory name inside the export root")
+        raise UnsafePathError(f"the export name is empty: give a directory name inside the export root {root_path}")
+    out_path = Path(out)
     if ".." in out_path.parts:
-        raise UnsafePathError(f"export name {str(out)!r} contains '..': names must stay inside {root_path}")
-    candidate = out_path if out_path.is_absolute() else root_path / out_path
-    try:
-        relative = candidate.relative_to(root_path)
-    except ValueError:
-        raise UnsafePathError(f"export path {candidate} is outside the export root {root_path}") from None
+        raise UnsafePathError(
+            f"export path {str(out)!r} contains '..': give a directory name inside the export root {root_path}"
+        )
+    relative = out_path
+    if out_path.is_absolute():
+        # An absolute path may name the root as given or with its symlinks resolved.
+        inside = [out_path.relative_to(r) for r in (given_root, root_path) if out_path.is_relative_to(r)]
+        if not inside:
+            raise UnsafePathError(
+                f"export path {out_path} is outside the export root {root_path}: give a name inside it "
+                "(the command line's root is PEFTLAB_EXPORTS, or the current directory)"
+            )
+        relative = inside[0]
     if not relative.parts:
-        raise UnsafePathError(f"export path {candidate} is the export root itself: give a directory name inside it")
+        raise UnsafePathError(
+            f"export path {str(out)!r} is the export root {root_path} itself: give a directory name inside it"
+        )
     current = root_path
     for part in relative.parts:
         current = current / part
         if current.is_symlink():
-            raise UnsafePathError(f"export path {candidate} goes through the symlink {current}: symlinks are refused")
-    resolved = candidate.resolve()
-    if resolved != root_path and root_path not in resolved.parents:
-        raise UnsafePathError(f"export path {candidate} resolves to {resolved}, outside the export root {root_path}")
+            raise UnsafePathError(
+                f"export path {str(out)!r} goes through the symlink {current}: symlinks are refused, give a plain "
+                f"directory inside the export root {root_path}"
+            )
+    resolved = (root_path / relative).resolve()
+    if root_path not in resolved.parents:
+        raise UnsafePathError(
+            f"export path {str(out)!r} resolves to {resolved}, outside the export root {root_path}: give a directory "
+            "name inside the root"
+        )
     return resolved
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _file_entries(directory: Path) -> dict[str, dict[str, Any]]:
@@ -277,15 +314,33 @@ def _read_native(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 # --- models ------------------------------------------------------------------------------------------
 
 
-def model_options(meta: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def model_options(meta: dict[str, Any]) -> dict[str, Any]:
+    """The base model's options (``init_seed``, timm's ``pretrained``, ...) recorded in an adapter's config."""
     spec = meta.get("spec") or {}
-    return dict(spec.get("model_options") or meta.get("model_options") or {}), bool(spec.get("trust_remote_code"))
+    return dict(spec.get("model_options") or meta.get("model_options") or {})
 
 
-def fresh_model(meta: dict[str, Any]) -> TaskModel:
-    """The base model an adapter was trained on, rebuilt by name with a fresh task head."""
-    options, trust = model_options(meta)
-    return load_model(meta["model"], int(meta["num_labels"]), options=options, trust_remote_code=trust)
+def run_trusts_remote_code(run: dict[str, Any]) -> bool:
+    """Whether the base model of a run in the database may run its repository's Python (``trust_remote_code``).
+
+    The one trusted source is the spec stored in the run's database row: for a run the lab trained it is the
+    user's own spec, and for an imported run ``jobs.imports.record_import`` recorded ``false`` there unless the user
+    passed ``--trust-remote-code`` at import. Files (an adapter's ``adapter_config.json``, ``peftlab.json``, a PEFT
+    config, a model card), even those in the run's own artifact directory, are never asked: an imported run's
+    directory holds the imported files byte for byte.
+    """
+    return bool((run.get("spec") or {}).get("trust_remote_code"))
+
+
+def fresh_model(meta: dict[str, Any], *, trust_remote_code: bool = False) -> TaskModel:
+    """The base model an adapter was trained on, rebuilt by name with a fresh task head.
+
+    ``meta`` comes from a file, so a ``trust_remote_code`` in it (``spec.trust_remote_code``) is ignored: the
+    model's own Python runs only when the caller passes ``trust_remote_code=True`` (see ``run_trusts_remote_code``).
+    """
+    return load_model(
+        meta["model"], int(meta["num_labels"]), options=model_options(meta), trust_remote_code=trust_remote_code
+    )
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
@@ -318,10 +373,10 @@ def check_base_fingerprint(meta: dict[str, Any], model: TaskModel, fingerprint: 
         ours, theirs = fingerprint.get(name), expected.get(name)
         if ours == theirs:
             continue
-        if theirs is None:
-            detail = f"{name} (shape {tuple(ours[0])}) is in this model but not in the adapter's base model"
-        elif ours is None:
+        if ours is None:
             detail = f"{name} (shape {tuple(theirs[0])}) is in the adapter's base model but not in this model"
+        elif theirs is None:
+            detail = f"{name} (shape {tuple(ours[0])}) is in this model but not in the adapter's base model"
         elif ours[0] != theirs[0]:
             detail = f"{name}: shape {tuple(theirs[0])} in the adapter's base model, {tuple(ours[0])} in this model"
         else:
@@ -384,15 +439,23 @@ def apply_adapter(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model:
     return model, method
 
 
-def load_adapter(directory: str | Path, model: TaskModel | None = None) -> tuple[TaskModel, Method]:
+def load_adapter(
+    directory: str | Path, model: TaskModel | None = None, *, trust_remote_code: bool = False
+) -> tuple[TaskModel, Method]:
     """Rebuild the adapted model from a native or PEFT adapter directory.
 
     The model is rebuilt by name (or ``model``, fresh and unadapted, is used), the method applied with its config,
     ``Method.load_state`` re-applies its structural state and ``load_adapter_state_dict`` its tensors. A different
-    base model fails with ``BaseModelMismatch`` naming both models and the first mismatched tensor.
+    base model fails with ``BaseModelMismatch`` naming both models and the first mismatched tensor. The base model
+    runs its repository's Python only with ``trust_remote_code=True`` from the caller, never because a file says so.
     """
-    imported = import_adapter(directory, model=model)
-    base = model if model is not None else imported.base if imported.base is not None else fresh_model(imported.meta)
+    imported = import_adapter(directory, model=model, trust_remote_code=trust_remote_code)
+    if model is not None:
+        base = model
+    elif imported.base is not None:
+        base = imported.base
+    else:
+        base = fresh_model(imported.meta, trust_remote_code=trust_remote_code)
     return apply_adapter(imported.meta, imported.tensors, base)
 
 
@@ -543,6 +606,7 @@ def lora_factors(
                     "linear in its input): it cannot be written as LoRA; use the native format"
                 )
             pretrained = base.get_submodule(name)
+            assert isinstance(pretrained, nn.Linear)  # what the adapted layer wrapped, in the unadapted model
             w0 = pretrained.weight.double()
             w_eff = layer.effective_base_weight().double()
             if w_eff.shape != w0.shape:
@@ -571,6 +635,7 @@ def lora_factors(
                     b, a = torch.cat([b, u_res / scaling], 1), torch.cat([a, v_res], 0)
             approx = scaling * (b @ a)
             if use_dora:
+                assert variant is not None  # use_dora is one of its flags
                 direction = w0 + approx
                 norms = direction.norm(dim=1)
                 stored = getattr(layer, variant.magnitude or "", None)
@@ -599,7 +664,7 @@ def lora_factors(
     return out
 
 
-def _bias_update(layer: nn.Module, pretrained: nn.Linear) -> torch.Tensor | None:
+def _bias_update(layer: AdaptedLinear, pretrained: nn.Linear) -> torch.Tensor | None:
     """``b_eff + Δb − b0``, or None when it is zero."""
     d_out = pretrained.out_features
     b0 = pretrained.bias.double() if pretrained.bias is not None else torch.zeros(d_out, dtype=torch.float64)
@@ -631,7 +696,7 @@ def _clean_number(x: float) -> int | float:
 def _peft_base_name(meta: dict[str, Any], model: TaskModel) -> str | None:
     """What PEFT's ``base_model_name_or_path`` should hold: a hub id or directory the Auto classes can load."""
     source = model.info.source
-    if model.kind.startswith("hf") and source and source != "random init":
+    if model.backend.supports_peft and source and source != "random init":
         return source
     return None
 
@@ -649,7 +714,7 @@ def write_peft(
     """Write the PEFT LoRA layout of an adapted model into ``directory``; returns the conversion report."""
     from peft import LoraConfig
 
-    if not model.kind.startswith("hf"):
+    if not model.backend.supports_peft:
         raise ExportError(
             f"PEFT export needs a Hugging Face transformers model; {model.info.name} is a {model.kind} model "
             "(PEFT's LoRA on timm's fused qkv differs from our split q/k/v): use the native or merged format"
@@ -691,7 +756,7 @@ def write_peft(
     rank, alpha = _common([f.rank for f in factors]), _common([f.alpha for f in factors])
     lora_config = LoraConfig(
         r=rank,
-        lora_alpha=_clean_number(alpha),
+        lora_alpha=cast(int, _clean_number(alpha)),  # PEFT annotates int; it takes any number (α = s·r)
         target_modules=_peft_targets(base.net, paths, modules_to_save),
         lora_dropout=float(getattr(method.config, "dropout", 0.0)) if svd_rank is None else 0.0,
         use_rslora=lora_scaling_convention(method, svd_rank)[1],
@@ -700,7 +765,7 @@ def write_peft(
         modules_to_save=modules_to_save,
         rank_pattern={re.escape(p): f.rank for p, f in zip(paths, factors) if f.rank != rank},
         alpha_pattern={re.escape(p): _clean_number(f.alpha) for p, f in zip(paths, factors) if f.alpha != alpha},
-        task_type="SEQ_CLS" if model.kind == "hf-text" else None,
+        task_type=model.backend.peft_task_type,
         base_model_name_or_path=_peft_base_name(meta, model),
         revision=(meta.get("base_model") or {}).get("revision"),
         inference_mode=True,
@@ -770,7 +835,7 @@ def _export_meta(meta: dict[str, Any], model: TaskModel, method: Method, base: T
         "base_model": {
             "name": meta["model"], "source": model.info.source, "kind": model.kind,
             "revision": getattr(getattr(base.net, "config", None), "_commit_hash", None),
-            "options": model_options(meta)[0], "fingerprint": fingerprint,
+            "options": model_options(meta), "fingerprint": fingerprint,
         },
         "target_layers": target_layers(model, method, base),
         "mergeable": bool(method.mergeable),
@@ -785,6 +850,7 @@ def _write_native(
     if source_file is not None:
         shutil.copyfile(source_file, directory / ADAPTER_FILE)
     else:
+        assert tensors is not None  # callers give one of the two
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / ADAPTER_FILE))
     full = {**meta, "summary": summary or meta.get("summary") or {}}
     (directory / ADAPTER_CONFIG_FILE).write_text(json.dumps(full, indent=2, default=str))
@@ -811,7 +877,7 @@ def _write_native(
 
 def _write_peft_card(directory: Path, meta: dict, model: TaskModel, report: dict, summary: dict | None) -> None:
     base_name = _peft_base_name(meta, model) or meta["model"]
-    auto = "AutoModelForSequenceClassification" if model.kind == "hf-text" else "AutoModelForImageClassification"
+    auto = model.backend.auto_class
     card = [
         "---",
         f"base_model: {json.dumps(base_name)}",
@@ -864,23 +930,6 @@ def _write_peft_card(directory: Path, meta: dict, model: TaskModel, report: dict
     (directory / README_FILE).write_text("\n".join(card) + "\n")
 
 
-def fuse_split_qkv(net: nn.Module) -> None:
-    """Replace each ``SplitQKV`` by the fused ``nn.Linear`` timm expects (the rows of q, k, v stacked)."""
-    for name, module in list(net.named_modules()):
-        if isinstance(module, SplitQKV):
-            parts = [module.q, module.k, module.v]
-            if not all(isinstance(p, nn.Linear) for p in parts):
-                raise ExportError(f"{name} still holds adapted layers: merge the method first")
-            fused = nn.Linear(parts[0].in_features, 3 * parts[0].out_features, bias=parts[0].bias is not None)
-            fused = fused.to(parts[0].weight.device, parts[0].weight.dtype)
-            with torch.no_grad():
-                fused.weight.copy_(torch.cat([p.weight for p in parts]))
-                if fused.bias is not None:
-                    fused.bias.copy_(torch.cat([p.bias for p in parts]))
-            parent_name, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent_name) if parent_name else net, child, fused)
-
-
 def write_merged(model: TaskModel, method: Method, base: TaskModel, directory: Path, meta: dict) -> list[str]:
     """Fold ΔW into the weights and save the plain model; returns notes for the card."""
     if method.adapted_layers(model):
@@ -894,67 +943,13 @@ def write_merged(model: TaskModel, method: Method, base: TaskModel, directory: P
         extra = sorted(ours - plain) or sorted(plain - ours)
         raise ExportError(f"the merged model's tensors differ from the plain model's (first: {extra[0]})")
     labels = [str(x) for x in meta.get("label_names") or range(int(meta["num_labels"]))]
-    notes = []
-    if model.kind.startswith("hf"):
-        net = model.net
-        net.config.id2label = dict(enumerate(labels))
-        net.config.label2id = {name: i for i, name in enumerate(labels)}
-        net.save_pretrained(str(directory))
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(str(directory))
-        if model.kind == "hf-image":
-            from transformers import ViTImageProcessor
-
-            size = model.info.image_size or 224
-            ViTImageProcessor(
-                size={"height": size, "width": size}, image_mean=list(model.info.image_mean),
-                image_std=list(model.info.image_std),
-            ).save_pretrained(str(directory))  # fmt: skip
-            notes.append("The image processor resizes bilinearly and normalises as PEFT Lab does.")
-    else:
-        fuse_split_qkv(model.net)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-        save_file(state, str(directory / MERGED_TIMM_WEIGHTS))
-        options = {k: v for k, v in model_options(meta)[0].items() if k not in ("pretrained", "init_seed")}
-        timm_cfg = {
-            "library": "timm",
-            "architecture": (getattr(model.net, "pretrained_cfg", None) or {}).get("architecture"),
-            "lab_model": meta["model"],
-            "num_classes": int(meta["num_labels"]),
-            "label_names": labels,
-            "model_options": options,
-            "image_size": model.info.image_size,
-            "mean": list(model.info.image_mean),
-            "std": list(model.info.image_std),
-        }
-        (directory / MERGED_TIMM_CONFIG).write_text(json.dumps(timm_cfg, indent=2))
-    return notes
+    return model.backend.save_merged(model, directory, labels=labels, lab_model=meta["model"],
+                                     options=model_options(meta))  # fmt: skip
 
 
 def _write_merged_card(directory: Path, meta: dict, model: TaskModel, summary: dict | None, notes: list[str]):
     card = _card_header(meta, f"Merged model: {meta['method']} on {meta['model']}") + _metrics_lines(summary)
-    card += ["", "## Load", ""]
-    if model.kind.startswith("hf"):
-        auto = "AutoModelForSequenceClassification" if model.kind == "hf-text" else "AutoModelForImageClassification"
-        card += ["```python", f"from transformers import {auto}", f"model = {auto}.from_pretrained('<this directory>')",
-                 "```"]  # fmt: skip
-    else:
-        card += [
-            f"A timm state dict (`{MERGED_TIMM_WEIGHTS}`, q/k/v fused back into `qkv`) and `{MERGED_TIMM_CONFIG}`.",
-            "",
-            "```python",
-            "import json, timm",
-            "from safetensors.torch import load_file",
-            "cfg = json.load(open('<this directory>/config.json'))",
-            "net = timm.create_model(cfg['architecture'], pretrained=False, num_classes=cfg['num_classes'],",
-            "                        **cfg['model_options'])",
-            "net.load_state_dict(load_file('<this directory>/model.safetensors'))",
-            "```",
-            "",
-            "Inputs: images resized to `image_size` and normalised with `mean`/`std`. A PEFT Lab bundled test model "
-            "(e.g. tiny-vit) has architecture arguments of its own: load it with "
-            "`engine.export.load_merged('<this directory>')`.",
-        ]
+    card += ["", "## Load", ""] + model.backend.merged_card()
     card += [""] + notes
     (directory / README_FILE).write_text("\n".join(card) + "\n")
 
@@ -962,7 +957,7 @@ def _write_merged_card(directory: Path, meta: dict, model: TaskModel, summary: d
 def _lab_meta(meta: dict[str, Any], summary: dict | None, **extra: Any) -> dict[str, Any]:
     keys = ("method", "method_config", "method_state", "model", "model_source", "num_labels", "label_names", "spec")
     out = {k: meta.get(k) for k in keys}
-    out.update({"lab_version": lab_version(), "model_options": model_options(meta)[0], "summary": summary or {}})
+    out.update({"lab_version": lab_version(), "model_options": model_options(meta), "summary": summary or {}})
     out.update(extra)
     return out
 
@@ -974,25 +969,26 @@ def export_model(
     fmt: ExportFormat,
     out: str | Path,
     *,
-    root: str | Path | None = None,
+    root: str | Path,
     summary: dict[str, Any] | None = None,
     svd_rank: int | None = None,
     factor_rank: int | None = None,
     overwrite: bool = False,
     source_dir: Path | None = None,
     base: TaskModel | None = None,
+    trust_remote_code: bool = False,
 ) -> ExportResult:
     """Export an adapted model (``meta``: its ``adapter_config.json``) in format ``fmt`` to ``root/out``.
 
     ``native`` copies ``source_dir``'s tensors when given (else writes ``Method.adapter_state_dict``); ``peft``
-    and ``merged`` need the pretrained ``base`` (rebuilt from ``meta`` when not given). ``merged`` modifies
-    ``model`` in place (the method is merged).
+    and ``merged`` need the pretrained ``base`` (rebuilt from ``meta`` when not given, running the model's own
+    Python only with ``trust_remote_code``). ``merged`` modifies ``model`` in place (the method is merged).
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     target = resolve_export_dir(out, root)
     if base is None:
-        base = fresh_model(meta)
+        base = fresh_model(meta, trust_remote_code=trust_remote_code)
     summary = summary if summary is not None else meta.get("summary")
     result = ExportResult(format=fmt, path=target, files={})
     with staged_directory(target, fmt=fmt, overwrite=overwrite) as staging:
@@ -1026,51 +1022,53 @@ def export_run(
     fmt: ExportFormat,
     out: str | Path,
     *,
-    root: str | Path | None = None,
+    root: str | Path,
     summary: dict[str, Any] | None = None,
     svd_rank: int | None = None,
     factor_rank: int | None = None,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> ExportResult:
     """Export a run's adapter directory (``adapter.safetensors`` + ``adapter_config.json``) to ``root/out``.
 
     ``summary`` is the run's summary (``final_metrics``, steps, parameter counts) for the model card. ``svd_rank``
     (``peft`` only) converts any mergeable method to LoRA by truncated SVD; ``factor_rank`` asks layers whose
-    ``low_rank_factors`` take a rank (DyLoRA) for that rank. Nothing is left behind on error.
+    ``low_rank_factors`` take a rank (DyLoRA) for that rank. ``trust_remote_code`` comes from the caller (the run's
+    spec in the database, ``run_trusts_remote_code``), never from the adapter's files. Nothing is left behind on
+    error.
     """
     source = Path(adapter_dir)
     resolve_export_dir(out, root)  # refuse a bad name before any work
-    imported = import_adapter(source)
+    imported = import_adapter(source, trust_remote_code=trust_remote_code)
     if imported.source_format != "native":
-        raise ExportError(f"{source} is a PEFT directory: import it first (import_into_db), then export the run")
-    base = fresh_model(imported.meta)
-    model, method = apply_adapter(imported.meta, imported.tensors, fresh_model(imported.meta))
+        raise ExportError(
+            f"{source} is a PEFT directory: import it first (jobs.imports.record_import), then export the run"
+        )
+    base = fresh_model(imported.meta, trust_remote_code=trust_remote_code)
+    model, method = apply_adapter(
+        imported.meta, imported.tensors, fresh_model(imported.meta, trust_remote_code=trust_remote_code)
+    )
     return export_model(
         model, method, imported.meta, fmt, out, root=root, summary=summary, svd_rank=svd_rank,
         factor_rank=factor_rank, overwrite=overwrite, source_dir=source, base=base,
     )  # fmt: skip
 
 
-def load_merged(directory: str | Path) -> TaskModel:
-    """A merged export as a plain ``TaskModel`` (Hugging Face: through the Auto classes; timm: rebuilt by name)."""
+def load_merged(directory: str | Path, *, trust_remote_code: bool = False) -> TaskModel:
+    """A merged export as a plain ``TaskModel`` (Hugging Face: through the Auto classes; timm: rebuilt by name).
+
+    The directory's own Python (a config's ``auto_map``) runs only with ``trust_remote_code=True`` from the caller.
+    """
     directory = Path(directory)
     verify_manifest(directory)
     meta = _read_json(directory / LAB_META_FILE)
-    cfg_path = directory / MERGED_TIMM_CONFIG
-    if cfg_path.is_file() and _read_json(cfg_path).get("library") == "timm":
-        model = fresh_model(meta)
-        state = read_safetensors(directory / MERGED_TIMM_WEIGHTS)
-        for name, module in model.net.named_modules():
-            if isinstance(module, SplitQKV):
-                d = module.q.out_features
-                for suffix in ("weight", "bias"):
-                    fused = state.pop(f"{name}.{suffix}", None)
-                    if fused is not None:
-                        for i, part in enumerate("qkv"):
-                            state[f"{name}.{part}.{suffix}"] = fused[i * d : (i + 1) * d]
-        model.net.load_state_dict(state, strict=True)
-        return model.eval()
-    return load_model(str(directory), int(meta["num_labels"])).eval()
+    for name in list_backends():
+        model = get_backend(name).load_merged(
+            directory, lambda: fresh_model(meta, trust_remote_code=trust_remote_code), read_safetensors
+        )
+        if model is not None:
+            return model.eval()
+    return load_model(str(directory), int(meta["num_labels"]), trust_remote_code=trust_remote_code).eval()
 
 
 # --- import ------------------------------------------------------------------------------------------
@@ -1089,7 +1087,7 @@ class ImportedAdapter:
     base: TaskModel | None = None  # the fresh model a PEFT conversion built (reusable, still unadapted)
 
 
-def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+def _pattern_value(patterns: dict[str, Any] | None, path: str, default: Any) -> Any:
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", path):
             return value
@@ -1097,7 +1095,7 @@ def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
 
 
 def _peft_to_native(
-    directory: Path, model: TaskModel | None, model_name: str | None, num_labels: int | None
+    directory: Path, model: TaskModel | None, model_name: str | None, num_labels: int | None, trust_remote_code: bool
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], TaskModel]:
     """Map a PEFT LoRA directory to our ``lora`` method: config, tensors (our keys) and the base model used."""
     verify_manifest(directory, [PEFT_WEIGHTS_FILE, ADAPTER_CONFIG_FILE])
@@ -1150,7 +1148,7 @@ def _peft_to_native(
         raise ExportError(f"{directory}: the number of labels is unknown (no saved classifier); pass num_labels")
     if model is None:
         options = dict(lab.get("model_options") or {})
-        model = load_model(name, int(n_labels), options=options)
+        model = load_model(name, int(n_labels), options=options, trust_remote_code=trust_remote_code)
 
     table = {l.name: l for l in model.adaptable_layers()}
     unknown = [p for p in adapted if "net." + p not in table]
@@ -1215,6 +1213,7 @@ def import_adapter(
     model_name: str | None = None,
     num_labels: int | None = None,
     dataset: str | None = None,
+    trust_remote_code: bool = False,
 ) -> ImportedAdapter:
     """Read a native or PEFT adapter directory: the spec for a run row, our config and tensors.
 
@@ -1222,6 +1221,9 @@ def import_adapter(
     the adapted module paths; per-layer ranks zero-padded with B rescaled so ``s·B A`` is unchanged; the
     ``modules_to_save`` head as the task head). Its base model comes from ``model``, ``model_name``, the lab
     metadata of our own PEFT exports, or ``base_model_name_or_path``.
+
+    The returned spec's ``trust_remote_code`` is the caller's ``trust_remote_code``, whatever the files say: a
+    directory cannot make its base model's Python run (loading a PEFT adapter's base model here included).
     """
     from engine.spec import parse_spec
 
@@ -1229,9 +1231,9 @@ def import_adapter(
     base = None
     if detect_layout(directory) == "native":
         meta, tensors = _read_native(directory)
-        source_format = "native"
+        source_format: Literal["native", "peft"] = "native"
     else:
-        meta, tensors, base = _peft_to_native(directory, model, model_name, num_labels)
+        meta, tensors, base = _peft_to_native(directory, model, model_name, num_labels, trust_remote_code)
         source_format = "peft"
     spec = copy.deepcopy(meta.get("spec") or {})
     if not spec and dataset is None and base is not None and base.info.modality == "image":
@@ -1241,31 +1243,44 @@ def import_adapter(
     if dataset is not None:
         spec["dataset"] = {**(spec.get("dataset") or {}), "name": dataset}
     spec["tags"] = sorted({*(spec.get("tags") or []), "imported"})
+    spec["trust_remote_code"] = trust_remote_code  # the caller's choice, never the file's
     spec = parse_spec(spec).model_dump(mode="json")
     summary = dict(meta.get("summary") or {})
     return ImportedAdapter(spec, meta, tensors, source_format, directory, summary, base)
 
 
-def import_into_db(
+@dataclass
+class ImportPlan:
+    """An adapter to import, already loaded into its base model: the run's spec and summary, its parameter counts."""
+
+    imported: ImportedAdapter
+    spec: dict[str, Any]
+    summary: dict[str, Any]
+    trainable_params: int
+    total_params: int
+
+
+def plan_import(
     directory: str | Path,
     *,
     name: str | None = None,
     experiment: str | None = None,
     dataset: str | None = None,
     model_name: str | None = None,
-) -> str:
-    """Record an exported adapter as a succeeded run (executor ``import``); returns the run id.
+    trust_remote_code: bool = False,
+) -> ImportPlan:
+    """Read an exported adapter and load it into its base model (so a corrupt or mismatched adapter is refused
+    before anything is written): the spec, summary and parameter counts of the run ``jobs.imports.record_import``
+    records.
 
-    The adapter is first loaded into its base model (so a corrupt or mismatched adapter creates nothing), then
-    its files are staged in the artifact root and renamed into the run's directory (native files are copied
-    byte for byte), the run row is created and every file is recorded as an artifact with its sha256. On any
-    failure the run row and its directory are removed.
+    The base model runs its repository's Python only with ``trust_remote_code=True``; the spec holds that choice,
+    and a ``trust_remote_code`` in the imported files is ignored.
     """
-    from db import store
-    from db.schema import utcnow
-
-    imported = import_adapter(directory, model_name=model_name, dataset=dataset)
-    base = imported.base if imported.base is not None else fresh_model(imported.meta)
+    imported = import_adapter(directory, model_name=model_name, dataset=dataset, trust_remote_code=trust_remote_code)
+    if imported.base is not None:
+        base = imported.base
+    else:
+        base = fresh_model(imported.meta, trust_remote_code=trust_remote_code)
     model, method = apply_adapter(imported.meta, imported.tensors, base)
     trainable, total = count_parameters(model)
     spec = dict(imported.spec)
@@ -1273,12 +1288,23 @@ def import_into_db(
         spec["name"] = name
     if experiment is not None:
         spec["experiment"] = experiment
+    summary = {
+        **imported.summary,
+        "adapter_params": method.adapter_param_count(model),
+        "imported_from": {"directory": str(imported.directory), "format": imported.source_format,
+                          **(imported.meta.get("imported_from") or {})},
+    }  # fmt: skip
+    return ImportPlan(imported, spec, summary, trainable, total)
 
-    run_id = store.new_run_id()
-    root = config.artifacts_root()
-    target = root / run_id
+
+def write_imported_files(imported: ImportedAdapter, target: Path) -> None:
+    """Write an imported adapter's files into the new directory ``target`` (a run's artifact directory).
+
+    The files are staged in a hidden sibling of ``target`` and renamed into place: native files are copied byte
+    for byte (checked by sha256), a PEFT adapter is written in the native layout, and a ``README.md`` is copied.
+    On any error the staging directory is removed and ``target`` is not created.
+    """
     staging = _staging_dir(target)
-    created = False
     try:
         source = imported.directory
         if imported.source_format == "native":
@@ -1294,28 +1320,6 @@ def import_into_db(
         if (source / README_FILE).is_file():
             shutil.copyfile(source / README_FILE, staging / README_FILE)
         os.replace(staging, target)
-        store.create_run(spec, executor="import", run_id=run_id, status="succeeded")
-        created = True
-        now = utcnow()
-        summary = {
-            **imported.summary,
-            "adapter_params": method.adapter_param_count(model),
-            "imported_from": {"directory": str(source), "format": imported.source_format,
-                              **(imported.meta.get("imported_from") or {})},
-        }  # fmt: skip
-        store.update_run(run_id, progress=1.0, started_at=now, finished_at=now, device="import",
-                         trainable_params=trainable, total_params=total, summary=summary)  # fmt: skip
-        for kind, file in (
-            ("adapter", ADAPTER_FILE),
-            ("adapter_config", ADAPTER_CONFIG_FILE),
-            ("model_card", README_FILE),
-        ):
-            if (target / file).is_file():
-                store.add_artifact(run_id, kind, target / file)
     except BaseException:
-        if created:
-            store.delete_run(run_id)
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(target, ignore_errors=True)
         raise
-    return run_id

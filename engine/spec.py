@@ -12,8 +12,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engine.errors import UserError
 
-class SpecError(ValueError):
+
+class SpecError(UserError):
     """A RunSpec that cannot be used; the message names the field and the fix."""
 
 
@@ -48,20 +50,29 @@ class TrainSpec(_Strict):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
     batch_size: int = Field(16, ge=1, le=4096)
     lr: float = Field(5e-4, gt=0.0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW's decoupled weight decay (0 to 1)")
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
     schedule: str = Field("linear", pattern="^(linear|cosine|constant)$")
-    grad_clip: float | None = Field(1.0, gt=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0, le=1e4, description="clip the gradient norm (None: no clipping)")
     seed: int = 0
     log_every: int = Field(10, ge=1, description="report the training loss every N steps")
     evals_per_epoch: int = Field(1, ge=1, le=100)
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: leave torch's default)")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="also checkpoint every N optimizer steps (None: by time and at epoch ends only)"
+    )
+    checkpoint_every_s: float = Field(
+        60.0, ge=1.0, le=86400.0, description="checkpoint at least every this many seconds, and at epoch ends"
+    )
 
 
 class ResourcesSpec(_Strict):
-    num_cpus: float = Field(1.0, ge=0.0)
-    num_gpus: float = Field(0.0, ge=0.0)
+    num_cpus: float = Field(1.0, ge=0.0, le=1024.0)
+    num_gpus: float = Field(0.0, ge=0.0, le=64.0)
+    max_retries: int = Field(
+        1, ge=0, le=10, description="resubmit a run whose worker or node died this many times (own errors: never)"
+    )
 
 
 class RunSpec(_Strict):
@@ -130,7 +141,16 @@ def load_spec(path: str | Path) -> RunSpec:
     if not path.is_file():
         raise SpecError(f"spec file {path} does not exist: pass the path of a RunSpec YAML (see recipes/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SpecError(f"spec file {path} is not UTF-8 text: save it as UTF-8") from None
     except yaml.YAMLError as err:
-        raise SpecError(f"{path} is not valid YAML: {err}") from None
-    return parse_spec(data or {})
+        raise SpecError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if data is None:
+        raise SpecError(f"spec file {path} is empty: write a RunSpec mapping (model, dataset, method; see recipes/)")
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"spec file {path} holds a YAML {type(data).__name__} at the top level: write a RunSpec mapping "
+            "(model: ..., dataset: ..., method: ...; see recipes/)"
+        )
+    return parse_spec(data)

@@ -2,7 +2,10 @@
 
 Methods plug in through the registry and their hooks (``on_train_start``, ``on_step_end``, ``extra_loss``);
 there is no method-specific branch here. Progress and metrics go through a small ``Reporter``: the Ray
-worker passes one that writes to the database, tests pass ``MemoryReporter``.
+worker passes one that writes to the database, tests pass ``MemoryReporter``. Observers of the loop (profilers)
+come in as ``StepHook``s, built by a ``HookFactory`` the caller passes (the worker passes
+``engine.analysis.importance.default_hooks``); this module imports no analysis. One optimisation step is
+``train_step``, which the benchmarks time as well.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +24,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.analysis.importance import LayerNormProfiler
 from engine.data import DataBundle, iterate_batches, load_data, read_raw
 from engine.methods import Method, TrainContext, build_method
 from engine.models import TaskModel, count_parameters, load_model
@@ -33,6 +36,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 class Reporter(Protocol):
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+    def restart_from(self, step: int) -> None: ...  # metrics after ``step`` are void (resumed from a checkpoint)
     def set_progress(self, progress: float) -> None: ...
     def should_stop(self) -> bool: ...
     def log(self, message: str) -> None: ...
@@ -51,6 +55,9 @@ class MemoryReporter:
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.metrics.extend((step, k, float(v)) for k, v in metrics.items())
 
+    def restart_from(self, step: int) -> None:
+        self.metrics = [m for m in self.metrics if m[0] <= step]
+
     def set_progress(self, progress: float) -> None:
         self.progress = progress
 
@@ -67,8 +74,26 @@ class MemoryReporter:
         return [(s, v) for s, k, v in self.metrics if k == key]
 
 
+class StepHook(Protocol):
+    """Observes the loop: ``on_step(step)`` after each optimizer step (``step`` = steps done), ``close()`` once
+    training has finished, then ``artifact()``: ``(kind, JSON-able data)``, written to ``<kind>.json`` in the run's
+    directory and listed in ``TrainResult.artifacts`` under ``kind``, or None for nothing to store."""
+
+    def on_step(self, step: int) -> None: ...
+    def close(self) -> None: ...
+    def artifact(self) -> tuple[str, dict[str, Any]] | None: ...
+
+
+# Builds a run's hooks from its model (adapted, on its device, after any resume) and its total step count.
+HookFactory = Callable[[nn.Module, int], Sequence[StepHook]]
+
+
 class Cancelled(Exception):
     pass
+
+
+class Diverged(Exception):
+    """The loss or the gradient became NaN or infinite: the run fails at once (and is not retried)."""
 
 
 @dataclass
@@ -202,7 +227,64 @@ def save_adapter(prep: Prepared, out_dir: Path, extra: dict[str, Any] | None = N
     return weights, config
 
 
-def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: bool = True) -> TrainResult:
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically: a temporary file in the same directory, fsync'd, then renamed over the old one,
+    so a kill at any moment leaves either the previous checkpoint or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def train_step(
+    model: TaskModel,
+    method: Method | None,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    *,
+    lr: float,
+    grad_clip: float | None,
+    device: torch.device,
+    step: int,
+) -> float:
+    """One optimisation step; returns the loss (with the method's extra loss). ``step`` counts the steps done
+    before this one (messages name this one ``step + 1``). Sets the learning rate ``lr``, runs the forward under
+    bf16 autocast on CUDA, adds ``method.extra_loss`` (no method: a model adapted outside the registry), raises
+    ``Diverged`` on a non-finite loss or gradient norm, clips at ``grad_clip`` (None or 0: no clipping), steps the
+    optimizer and zeroes the gradients. The method's ``on_step_end`` is the caller's."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    batch = to_device(batch, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss, _ = classification_loss(model, batch)
+        extra = method.extra_loss(model) if method is not None else None
+        if extra is not None:
+            loss = loss + extra
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise Diverged(f"diverged at step {step + 1} (loss {loss_value}): lower train.lr or check the data")
+    loss.backward()
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_params, grad_clip or math.inf))
+    if not math.isfinite(grad_norm):
+        raise Diverged(f"diverged at step {step + 1} (gradient norm {grad_norm}): lower train.lr")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value
+
+
+def train(
+    spec: RunSpec,
+    reporter: Reporter,
+    out_dir: str | Path,
+    *,
+    resume: bool = True,
+    hooks: HookFactory | None = None,
+) -> TrainResult:
+    """Train ``spec``, writing checkpoints and artifacts to ``out_dir``. ``hooks`` builds the run's ``StepHook``s
+    (None: none; runs built by the worker pass ``engine.analysis.importance.default_hooks``, the norm profile)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -225,6 +307,7 @@ def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: boo
         reporter.log("method changed its trainable parameters before training")
     optimizer = make_optimizer(model, spec)
     step, start_epoch = 0, 0
+    running, running_n, final = 0.0, 0, {}
 
     ckpt_path = out_dir / CHECKPOINT_FILE
     if resume and ckpt_path.exists():
@@ -234,22 +317,35 @@ def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: boo
         optimizer = make_optimizer(model, spec)
         optimizer.load_state_dict(ckpt["optimizer"])
         step, start_epoch = ckpt["step"], ckpt["epoch"]
+        running, running_n, final = ckpt.get("running", 0.0), ckpt.get("running_n", 0), ckpt.get("final", {})
+        if "rng" in ckpt:
+            torch.set_rng_state(ckpt["rng"].cpu())
         reporter.log(f"resumed from checkpoint at step {step}")
+    reporter.restart_from(step)  # what an earlier attempt logged after its checkpoint is redone from here
+
+    def checkpoint(epochs_done: int) -> None:
+        """Trainable and adapter tensors (frozen ones too, e.g. Pear's knowledge checkpoint), optimizer, method
+        state, the RNG and the running loss, so a resumed run continues exactly where this one stood."""
+        save_checkpoint(ckpt_path, {
+            "trainable": _trainable_state(model) | method.adapter_state_dict(model),
+            "optimizer": optimizer.state_dict(), "step": step, "epoch": epochs_done,
+            "method_state": method.state(), "rng": torch.get_rng_state(),
+            "running": running, "running_n": running_n, "final": final,
+        })  # fmt: skip
 
     ctx.step = step
     trainable, total = count_parameters(model)
-    # Per-layer gradient and update norms of the adapters, about 20 points over the run (importance view).
-    profiler = LayerNormProfiler(model, every=max(1, total_steps // 20), steps=[total_steps])
+    step_hooks = list(hooks(model, total_steps)) if hooks is not None else []
     reporter.log(f"trainable {trainable:,} / total {total:,} parameters; {total_steps} steps")
     process = psutil.Process()
     peak_rss = process.memory_info().rss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step_time, eval_time, final = 0.0, 0.0, {}
+    step_time, eval_time = 0.0, 0.0
     model.train()
+    last_checkpoint = time.monotonic()
 
     # --- loop -----------------------------------------------------------------------------------
-    running, running_n = 0.0, 0
     for epoch in range(start_epoch, epochs):
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # same order after a resume
         batches = iterate_batches(data.train, cfg.batch_size, shuffle=True, generator=gen)
@@ -259,25 +355,17 @@ def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: boo
             if step >= total_steps:
                 break
             t0 = time.perf_counter()
-            for g in optimizer.param_groups:
-                g["lr"] = cfg.lr * lr_factor(step, total_steps, warmup, cfg.schedule)
-            batch = to_device(batch, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss, _ = classification_loss(model, batch)
-                extra = method.extra_loss(model)
-                if extra is not None:
-                    loss = loss + extra
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr = cfg.lr * lr_factor(step, total_steps, warmup, cfg.schedule)
+            loss_value = train_step(
+                model, method, optimizer, batch, lr=lr, grad_clip=cfg.grad_clip, device=device, step=step
+            )
             step += 1
             step_time += time.perf_counter() - t0
-            running, running_n = running + loss.item(), running_n + 1
+            running, running_n = running + loss_value, running_n + 1
 
             ctx.step = step
-            profiler.record(step)
+            for hook in step_hooks:
+                hook.on_step(step)
             if method.on_step_end(ctx):
                 optimizer = make_optimizer(model, spec)  # the trainable set changed (e.g. Pear pruned)
                 reporter.log(f"step {step}: method changed its trainable parameters; optimizer rebuilt")
@@ -294,18 +382,15 @@ def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: boo
                 eval_time += time.perf_counter() - t1
                 reporter.log_metrics(step, final)
                 reporter.log(f"step {step}/{total_steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+            due = cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
+            if step < total_steps and (due or time.monotonic() - last_checkpoint >= cfg.checkpoint_every_s):
+                at_epoch_end = step % steps_per_epoch == 0
+                checkpoint(epoch + 1 if at_epoch_end else epoch)
+                last_checkpoint = time.monotonic()
             if reporter.should_stop():
                 raise Cancelled(f"stopped at step {step}")
-        # Checkpoint at each epoch end: trainable and adapter tensors (frozen ones too, e.g. Pear's knowledge
-        # checkpoint), optimizer and method state, so a resumed run continues exactly.
-        checkpoint = {
-            "trainable": _trainable_state(model) | method.adapter_state_dict(model),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "epoch": epoch + 1,
-            "method_state": method.state(),
-        }
-        torch.save(checkpoint, ckpt_path)
+        checkpoint(epoch + 1)  # every epoch end
+        last_checkpoint = time.monotonic()
         if step >= total_steps:
             break
 
@@ -317,11 +402,14 @@ def train(spec: RunSpec, reporter: Reporter, out_dir: str | Path, *, resume: boo
         path = out_dir / f"{method.name}_analysis.json"
         path.write_text(json.dumps(method_data))
         artifacts["method_analysis"] = str(path)
-    profiler.close()
-    if profiler.records:
-        path = out_dir / "norm_profile.json"
-        path.write_text(json.dumps(profiler.to_dict()))
-        artifacts["norm_profile"] = str(path)
+    for hook in step_hooks:
+        hook.close()
+        stored = hook.artifact()
+        if stored is not None:
+            kind, hook_data = stored
+            path = out_dir / f"{kind}.json"
+            path.write_text(json.dumps(hook_data))
+            artifacts[kind] = str(path)
     trainable, _ = count_parameters(model)  # a method may have changed its trainable set (Pear prunes)
     peak_rss = max(peak_rss, process.memory_info().rss)
     steps_done = max(step, 1)

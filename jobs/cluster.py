@@ -4,6 +4,10 @@ The local head is started explicitly (``ray start --head --block`` in its own pr
 127.0.0.1, token authentication on) rather than by a bare ``ray.init()``, which can attach to a stale
 cluster. Its address and token live under ``$PEFTLAB_HOME/ray``; stopping it kills exactly that process group.
 
+Every listener of the local head is on 127.0.0.1 (see ``start_local_head``) and its files are the owner's only.
+The head outlives the dashboard: only ``python -m jobs.cluster stop`` stops it, and that first cancels the runs
+still active on it, with the reason. A *keeper* job on the cluster (``jobs.keeper``) retries lost runs.
+
 Usage: ``python -m jobs.cluster start|stop|status``.
 """
 
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 
 from db import config
+from engine.errors import UserError
 
 STARTUP_TIMEOUT_S = 90
 QUEUE_TIMEOUT_S = 7 * 24 * 3600  # how long a submitted run may wait in Ray's queue for free CPUs/GPUs
@@ -30,7 +35,7 @@ QUEUE_TIMEOUT_S = 7 * 24 * 3600  # how long a submitted run may wait in Ray's qu
 
 def ray_dir() -> Path:
     path = config.home() / "ray"
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
 
@@ -54,7 +59,7 @@ def auth_token() -> str | None:
         return os.environ["RAY_AUTH_TOKEN"].strip()
     if os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-    if os.environ.get("RAY_ADDRESS"):
+    if not is_local():
         default = Path.home() / ".ray" / "auth_token"
         return default.read_text().strip() if default.exists() else None
     return token_file().read_text().strip()
@@ -81,17 +86,30 @@ def _alive(pid: int) -> bool:
         return False
 
 
+class ClusterDown(UserError):
+    """No Ray cluster answers where PEFT Lab looks for one."""
+
+
 def dashboard_address() -> str:
-    """The Jobs API address: ``RAY_ADDRESS`` if set, else the running local head's."""
+    """The Jobs API address: the one a PEFT Lab job was given, else ``RAY_ADDRESS``, else the local head's."""
+    if os.environ.get("PEFTLAB_RAY_DASHBOARD"):
+        return os.environ["PEFTLAB_RAY_DASHBOARD"]
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     state = _read_state()
     if not state or not _alive(state["pid"]):
-        raise RuntimeError("no Ray cluster: start the local head (python -m jobs.cluster start) or set RAY_ADDRESS")
+        raise ClusterDown(
+            "no Ray cluster: start the local head with python -m jobs.cluster start (or ./run_app.sh), "
+            "or set RAY_ADDRESS to your cluster's dashboard"
+        )
     return state["dashboard"]
 
 
 def is_local() -> bool:
+    """True when PEFT Lab manages the head (no ``RAY_ADDRESS``); jobs we start are told which (Ray sets
+    ``RAY_ADDRESS`` inside every job)."""
+    if os.environ.get("PEFTLAB_RAY_MODE"):
+        return os.environ["PEFTLAB_RAY_MODE"] == "local"
     return not os.environ.get("RAY_ADDRESS")
 
 
@@ -121,12 +139,18 @@ def start_local_head(num_cpus: int | None = None, num_gpus: int | None = None) -
         return dashboard_address()
     state = _read_state()
     if state and _alive(state["pid"]) and _responds(5):
+        ensure_keeper()
         return state["dashboard"]
     if state:
-        stop_local_head()  # stale: a dead or unresponsive head of ours
+        _kill_head()  # stale: a dead or unresponsive head of ours (its runs are lost; the new keeper retries them)
     gcs_port, dash_port = _free_port(), _free_port()
     # Unix socket paths are limited to ~107 bytes: keep Ray's temp dir short, one per PEFT Lab home.
-    temp_dir = Path(tempfile.gettempdir()) / f"peftlab-ray-{hashlib.sha1(str(config.home()).encode()).hexdigest()[:8]}"
+    # Ray makes its temp folder world-writable (0777); inside a folder of the owner's only (0700) nobody else can
+    # reach it.
+    private = Path(tempfile.gettempdir()) / f"peftlab-{hashlib.sha1(str(config.home()).encode()).hexdigest()[:8]}"
+    private.mkdir(mode=0o700, exist_ok=True)
+    private.chmod(0o700)
+    temp_dir = private / "ray"
     cmd = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
         "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
@@ -142,7 +166,14 @@ def start_local_head(num_cpus: int | None = None, num_gpus: int | None = None) -
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
-    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file())}
+    # Ray on Linux replaces --node-ip-address=127.0.0.1 by the machine's address (so GCS, raylet and agents would
+    # listen on it, and its metrics exporters on 0.0.0.0) unless clusters are "disabled" for it by this setting,
+    # which keeps every listener on loopback. A head like this takes no second node; use RAY_ADDRESS for that.
+    env = os.environ | {
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file()), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }  # fmt: skip
+    for key in ("RAY_ADDRESS", "PEFTLAB_RAY_DASHBOARD", "PEFTLAB_RAY_MODE"):
+        env.pop(key, None)
     # Ray fails a job still waiting for resources after 15 min; runs queued behind others must wait their turn.
     env.setdefault("RAY_JOB_START_TIMEOUT_SECONDS", str(QUEUE_TIMEOUT_S))
     env.pop("RAY_AUTH_TOKEN", None)
@@ -151,17 +182,50 @@ def start_local_head(num_cpus: int | None = None, num_gpus: int | None = None) -
     address = f"http://127.0.0.1:{dash_port}"
     state_file().write_text(json.dumps({"pid": proc.pid, "dashboard": address, "gcs_port": gcs_port}))
     if not _responds(STARTUP_TIMEOUT_S):
-        stop_local_head()
+        _kill_head()
         raise RuntimeError(f"the local Ray head did not come up in {STARTUP_TIMEOUT_S}s; see {ray_dir() / 'head.log'}")
+    ensure_keeper()
     return address
 
 
-def stop_local_head() -> bool:
-    """Stop the local head started by ``start_local_head`` (its whole process group). Returns True if one ran."""
+def active_runs() -> list[dict]:
+    """Runs of this PEFT Lab home that a cluster is (or should be) working on."""
+    from db import store
+
+    return [r for r in store.list_runs(status=("queued", "running", "lost"), limit=None) if r["executor"] == "ray"]
+
+
+def stop_local_head(reason: str = "the local Ray head was stopped (python -m jobs.cluster stop)") -> bool:
+    """Stop the local head: first cancel the runs still active on it (with ``reason``) and stop their jobs, then
+    stop its whole process group. Returns True if a head ran."""
+    from db import store
+    from jobs.runs import job_id
+
+    state = _read_state()
+    if not state or not _alive(state["pid"]):
+        state_file().unlink(missing_ok=True)
+        return False
+    client = None
+    try:
+        client = job_client()
+    except Exception:  # noqa: BLE001 - a head that does not answer is stopped all the same
+        pass
+    for run in active_runs():
+        store.finish_run(run["id"], "cancelled", error=reason)
+        if client is not None:
+            try:
+                client.stop_job(job_id(run["id"], run["attempt"]))
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+    _kill_head()
+    return True
+
+
+def _kill_head() -> None:
     state = _read_state()
     state_file().unlink(missing_ok=True)
     if not state or not _alive(state["pid"]):
-        return False
+        return
     pgid = os.getpgid(state["pid"])
     os.killpg(pgid, signal.SIGTERM)
     for _ in range(100):
@@ -172,7 +236,34 @@ def stop_local_head() -> bool:
         os.killpg(pgid, signal.SIGKILL)  # whatever ignored SIGTERM (workers, raylet children)
     except ProcessLookupError:
         pass
-    return True
+
+
+# --- the keeper: one job per cluster and database that retries lost runs ---------------------------
+
+
+def keeper_id() -> str:
+    return "peftlab-keeper-" + hashlib.sha1(config.db_url().encode()).hexdigest()[:10]
+
+
+def ensure_keeper() -> str:
+    """Start the keeper job for this database on the cluster unless one runs; returns its submission id."""
+    client = job_client()
+    prefix = keeper_id()
+    for job in client.list_jobs():
+        if (job.submission_id or "").startswith(prefix) and not job.status.is_terminal():
+            return job.submission_id
+    from jobs.runs import runtime_env, submit_job, worker_python
+
+    env = runtime_env()
+    env["env_vars"] |= {"PEFTLAB_RAY_DASHBOARD": dashboard_address(), "PEFTLAB_RAY_MODE": "local" if is_local() else
+                        "remote"}  # fmt: skip
+    return submit_job(
+        entrypoint=f"exec {worker_python()} -m jobs.keeper",
+        submission_id=f"{prefix}-{int(time.time())}",
+        entrypoint_num_cpus=0,
+        runtime_env=env,
+        metadata={"peftlab_keeper": prefix},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,14 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "start":
         print(start_local_head(args.num_cpus, args.num_gpus))
     elif args.action == "stop":
-        print("stopped" if stop_local_head() else "no local head running")
+        active = len(active_runs()) if _read_state() else 0
+        if stop_local_head():
+            print(f"stopped the local Ray head; {active} active run(s) cancelled" if active else "stopped")
+        else:
+            print("no local head running")
     else:
         try:
             address = dashboard_address()
-            print(f"{address} {'up' if _responds(3) else 'not responding'}")
-        except RuntimeError as err:
+        except ClusterDown as err:
             print(err)
             return 1
+        print(f"{address} {'up' if _responds(3) else 'not responding'}; {len(active_runs())} active run(s)")
     return 0
 
 

@@ -24,7 +24,7 @@ from streamlit.testing.v1 import AppTest
 
 from db import config, store
 from engine.spec import parse_spec
-from jobs.analysis import compute_analysis
+from jobs.analysis import compute_analysis, progress_file, read_progress
 from jobs.worker import execute
 from tests.conftest import tiny_spec
 
@@ -363,4 +363,5 @@ def test_landscape_on_ray_shows_progress_then_the_result(ray_lab):
     assert any(text.startswith("Ray job analysis-landscape-") for text in seen)
     assert not at.error and not at.get("progress")  # the job ended: no bar, no failure
     assert len(_decode(charts(at)["landscape_1d"]["data"][0]["x"])) == 5
-    assert store.get_metrics([run_id], keys=["analysis_landscape_progress"])["value"].max() == 1.0
+    job_id = next(text for text in seen if text.startswith("Ray job analysis-landscape-")).split()[2].rstrip(":")
+    assert read_progress(progress_file(run_id, job_id))["progress"] == 1.0

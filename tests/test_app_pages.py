@@ -171,6 +171,10 @@ def seed_runs() -> dict[str, str]:
 
     ids["cancelled"] = store.create_run(specs[4], executor="ray")
     assert store.finish_run(ids["cancelled"], "cancelled", error="cancelled by the user")
+
+    ids["lost"] = store.create_run(parse_spec(tiny_spec(train={"seed": 5})).model_dump(mode="json"), executor="ray")
+    store.mark_running(ids["lost"], "cpu")
+    assert store.transition(ids["lost"], "lost", error="no heartbeat for more than 20 s: the worker or its node died")
     return ids
 
 
@@ -228,7 +232,7 @@ def test_launch_without_a_custom_model_name_names_the_field_and_creates_no_run(o
     by_label(at.selectbox, "Model").set_value(next(o for o in by_label(at.selectbox, "Model").options if "other" in o))
     at.run()
     assert by_label(at.text_input, "Model name or path").value == ""
-    at.button(key="launch").click().run()
+    assert at.button(key="launch").disabled  # Launch waits until every field is valid
     assert not at.exception
     assert at.error and "model" in at.error[0].value, [e.value for e in at.error]
     assert store.list_runs(limit=None) == []
@@ -237,7 +241,7 @@ def test_launch_without_a_custom_model_name_names_the_field_and_creates_no_run(o
 def test_launch_with_unparseable_seeds_shows_an_error_and_creates_no_run(offline_lab):
     at = open_page("launch")
     fill_launch_form(at, seeds="x")
-    at.button(key="launch").click().run()
+    assert at.button(key="launch").disabled
     assert not at.exception and not at.success
     assert len(at.error) == 1 and "'x'" in at.error[0].value  # the YAML preview does not involve the seeds
     assert store.list_runs(limit=None) == []
@@ -246,8 +250,7 @@ def test_launch_with_unparseable_seeds_shows_an_error_and_creates_no_run(offline
 def test_launch_seed_error_names_the_seeds_field(offline_lab):
     at = open_page("launch")
     fill_launch_form(at, seeds="x")
-    at.button(key="launch").click().run()
-    assert "seeds" in at.error[0].value
+    assert at.button(key="launch").disabled and "seeds" in at.error[0].value
 
 
 # --- Runs ------------------------------------------------------------------------------------------
@@ -257,10 +260,12 @@ def test_runs_page_lists_every_status_with_errors_and_live_curves(offline_lab):
     ids = seed_runs()
     at = open_page("runs")
 
-    assert at.caption[0].value == "⏳ queued: 1 · 🏃 running: 1 · ✅ succeeded: 1 · ❌ failed: 1 · ⛔ cancelled: 1"
+    assert at.caption[0].value == (
+        "⏳ queued: 1 · 🏃 running: 1 · ✅ succeeded: 1 · ❌ failed: 1 · ⛔ cancelled: 1 · ❓ lost: 1"
+    )
     table = at.dataframe[0].value.set_index("run")
     assert set(table.index) == set(ids.values())
-    icons = {"queued": "⏳", "running": "🏃", "succeeded": "✅", "failed": "❌", "cancelled": "⛔"}
+    icons = {"queued": "⏳", "running": "🏃", "succeeded": "✅", "failed": "❌", "cancelled": "⛔", "lost": "❓"}
     for status, run_id in ids.items():
         assert table.loc[run_id, "status"] == f"{icons[status]} {status}"
         assert table.loc[run_id, "detail"] == f"/run_detail?run={run_id}"
@@ -272,6 +277,9 @@ def test_runs_page_lists_every_status_with_errors_and_live_curves(offline_lab):
     failed = [e for e in at.expander if e.label.startswith("❌")]
     assert len(failed) == 1 and ids["failed"] in failed[0].label
     assert failed[0].error[0].value == "dataset.name 'missing.csv' is not a bundled dataset"
+    # Failed, lost and cancelled runs can be resumed; the others cannot.
+    resumable = {b.key.removeprefix("resume_") for b in at.button if b.key and b.key.startswith("resume_")}
+    assert resumable == {ids["failed"], ids["lost"], ids["cancelled"]}
 
     # The live curves follow the active runs (the queued one has logged nothing yet).
     charts = plotly_charts(at)

@@ -135,6 +135,7 @@ def test_importance_of_a_heat_run_gives_the_head_score_table(lab_env, tmp_path, 
 def test_exports_load_and_an_imported_run_has_the_same_spectra(lab_env, tmp_path, capsys, monkeypatch):
     run_id = train_run(tmp_path, capsys)["run_id"]
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PEFTLAB_EXPORTS")  # the command line's export root is then the current directory
     reference, _ = load_adapter(adapter_dir(run_id))
     batch = batch_for(reference)
     with torch.no_grad():
@@ -174,7 +175,7 @@ def test_exports_load_and_an_imported_run_has_the_same_spectra(lab_env, tmp_path
 
 def test_bad_requests_exit_2_with_a_clear_message(lab_env, tmp_path, capsys):
     code, _, err = cli(capsys, "analyze", "run-missing", "--kind", "spectra")
-    assert code == 2 and "run-missing" in err and "does not exist" in err
+    assert code == 2 and "no run run-missing in the database" in err
     code, _, err = cli(capsys, "export", "run-missing", "--format", "native", "--out", str(tmp_path / "x"))
     assert code == 2 and "run-missing" in err
 
@@ -193,22 +194,27 @@ def test_bad_requests_exit_2_with_a_clear_message(lab_env, tmp_path, capsys):
     assert store.list_artifacts(run_id, "analysis:landscape") == []
 
 
-def test_analysis_job_main_writes_progress_rows(lab_env, tmp_path, capsys):
+def test_analysis_job_main_writes_its_progress_file(lab_env, tmp_path, capsys):
     run_id = train_run(tmp_path, capsys)["run_id"]
     params = {"kind": "1d", "grid": 9, "chunk_size": 2}
-    assert analysis.main(["--run-id", run_id, "--kind", "landscape", "--params", json.dumps(params)]) == 0
+    first, second = analysis.progress_file(run_id, "job-1"), analysis.progress_file(run_id, "job-2")
+    argv = ["--run-id", run_id, "--kind", "landscape", "--params", json.dumps(params)]
+    assert analysis.main([*argv, "--progress-file", str(first)]) == 0
     assert last_json(capsys.readouterr().out)["headline"]["points"] == 9
-    rows = store.get_metrics([run_id], keys=[analysis.progress_key("landscape")])
-    # 0 at the start, one row per chunk of 2 points, 1.0 once the artifact is recorded.
-    assert rows["value"].tolist() == pytest.approx([0.0, 2 / 9, 4 / 9, 6 / 9, 8 / 9, 1.0])
-    assert rows["step"].tolist() == list(range(6))
+    progress = analysis.read_progress(first)
+    # 0 at the start, one update per chunk of 2 points, 1.0 once the artifact is recorded.
+    assert progress["history"] == pytest.approx([0.0, 2 / 9, 4 / 9, 6 / 9, 8 / 9, 1.0])
+    assert progress["progress"] == 1.0 and len(progress["history"]) == 6
     assert store.list_artifacts(run_id, "analysis:landscape")
+    # Progress is job status, not metric rows.
+    assert store.get_metrics([run_id], keys=["analysis_landscape_progress"]).empty
 
-    # A second job (reusing the artifact) continues the steps, so the latest row is always the current job's.
-    assert analysis.main(["--run-id", run_id, "--kind", "landscape", "--params", json.dumps(params)]) == 0
+    # A second job (reusing the artifact) has its own file, so what a job's status shows is always that job's.
+    assert analysis.main([*argv, "--progress-file", str(second)]) == 0
     assert last_json(capsys.readouterr().out)["reused"] is True
-    rows = store.get_metrics([run_id], keys=[analysis.progress_key("landscape")])
-    assert rows["step"].tolist()[6:] == [6, 7] and rows["value"].tolist()[6:] == [0.0, 1.0]
+    assert analysis.read_progress(second)["history"] == [0.0, 1.0]
+    assert analysis.read_progress(first)["history"] == pytest.approx([0.0, 2 / 9, 4 / 9, 6 / 9, 8 / 9, 1.0])
+    assert analysis.read_progress(analysis.progress_file(run_id, "job-3")) == {"progress": 0.0, "history": []}
 
     assert analysis.main(["--run-id", run_id, "--kind", "landscape", "--params", "{not json"]) == 2
     assert analysis.main(["--run-id", run_id, "--kind", "landscape", "--params", '{"grid": 0}']) == 2
@@ -224,6 +230,7 @@ def test_summary_groups_seeds_with_mean_and_std(lab_env, capsys):
     for seed, accuracy in accuracies.items():
         run_id = store.create_run(parse_spec(tiny_spec(name="sum-lora", train={"seed": seed})).model_dump(mode="json"))
         store.update_run(run_id, trainable_params=100, total_params=1000)
+        store.mark_running(run_id, "cpu")
         summary = {"final_metrics": {"eval_accuracy": accuracy}, "timings": {"ms_per_step": 10.0 * (seed + 1),
                                                                              "peak_rss_mb": 500.0}}  # fmt: skip
         store.finish_run(run_id, "succeeded", summary=summary)

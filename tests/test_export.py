@@ -28,7 +28,6 @@ from engine.export import (
     export_run,
     fresh_model,
     import_adapter,
-    import_into_db,
     load_adapter,
     load_merged,
 )
@@ -36,6 +35,7 @@ from engine.methods import Method, build_method, get_method, method_names
 from engine.models import load_model
 from engine.spec import parse_spec
 from engine.train import Prepared, prepare, save_adapter
+from jobs.imports import record_import
 from tests.conftest import batch_for
 
 DATASET = {"text": "tweets-sentiment", "image": "digits"}
@@ -392,7 +392,7 @@ def test_corrupt_files_give_clear_errors_and_write_nothing(tmp_path, lab_env):
     with pytest.raises(AdapterFileError, match=f"{exported.path / ADAPTER_FILE} is corrupt"):
         load_adapter(exported.path)
     with pytest.raises(AdapterFileError):
-        import_into_db(exported.path)
+        record_import(exported.path)
     assert _listing(config.artifacts_root()) == [] and store.list_runs() == []
 
     (run_dir / ADAPTER_CONFIG_FILE).write_text("{not json")
@@ -462,7 +462,7 @@ def test_import_native_into_db(tmp_path, lab_env):
     run_dir, model, _ = make_run(tmp_path, "tiny-bert", "lora", {"rank": 2, "alpha": 4})
     summary = {"final_metrics": {"eval_accuracy": 0.5, "eval_loss": 1.1}}
     exported = export_run(run_dir, "native", "native", root=tmp_path / "x", summary=summary)
-    run_id = import_into_db(exported.path, name="imported lora")
+    run_id = record_import(exported.path, name="imported lora")
 
     run = store.get_run(run_id)
     assert (run["status"], run["executor"], run["method"], run["model"]) == ("succeeded", "import", "lora", "tiny-bert")
@@ -490,7 +490,7 @@ def test_import_peft_layout_maps_back_to_lora(tmp_path, lab_env):
     assert imported.source_format == "peft" and imported.spec["method"]["name"] == "lora"
     assert {k: imported.meta["method_config"][k] for k in params} == {**params, "alpha": 5.0}
 
-    run_id = import_into_db(exported.path)
+    run_id = record_import(exported.path)
     assert store.get_run(run_id)["executor"] == "import"
     assert {a["kind"] for a in store.list_artifacts(run_id)} >= {"adapter", "adapter_config"}
     loaded, method = load_adapter(config.run_dir(run_id))

@@ -74,3 +74,17 @@ def test_bad_target_role_is_a_clear_error():
 
     with pytest.raises(SpecError, match=r"method.target_roles.*unknown role"):
         parse_spec({"method": {"name": "lora", "target_roles": ["query"]}})
+
+
+def test_method_configs_take_pefts_names():
+    """PEFT users write ``r``, ``lora_alpha``, ``lora_dropout``: each means our field where the method has it."""
+    from engine.methods import method_config
+    from engine.spec import SpecError, parse_spec
+
+    ours = method_config("lora", {"rank": 4, "alpha": 8.0, "dropout": 0.1})
+    assert method_config("lora", {"r": 4, "lora_alpha": 8.0, "lora_dropout": 0.1}) == ours
+    assert method_config("dora", {"r": 2}).rank == 2
+    with pytest.raises(SpecError, match="method: r and rank are one setting"):
+        parse_spec({"method": {"name": "lora", "r": 4, "rank": 8}})
+    with pytest.raises(SpecError, match="method.lora_alpha: Extra inputs"):  # NEAT has no α: still a typo
+        parse_spec({"method": {"name": "neat", "lora_alpha": 3}})

@@ -110,7 +110,8 @@ def test_neat_equals_peft_peanut(depth, activation):
 
 
 def test_neat_delta_is_the_columnwise_network():
-    """ΔW column j = s · B h_j with the U-Net recursion written out per column (METHODS.md, deeper variant)."""
+    """ΔW column j = s · B h_j with the U-Net recursion written out per column (docs/METHODS.md#neat, deeper
+    variant)."""
     torch.manual_seed(0)
     base = torch.nn.Linear(5, 7)
     layer = NEATLinear(base, rank=3, scaling=0.7, depth=2, activation="relu")

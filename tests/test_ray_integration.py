@@ -1,4 +1,4 @@
-"""End to end on a real local Ray head and a real SQLite file: submit, train, cancel, fail, reconcile."""
+"""End to end on a real local Ray head and a real SQLite file: submit, train, cancel, refuse, sweep."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from db import store
+from engine.errors import UserError
 from jobs import cluster
-from jobs.runs import cancel_run, reconcile, submit_run, submit_seeds
+from jobs.runs import cancel_run, job_id, submit_run, submit_seeds, sweep
 from tests.conftest import tiny_spec, wait_for
 
 pytestmark = pytest.mark.slow
@@ -17,14 +18,17 @@ pytestmark = pytest.mark.slow
 def test_submit_cancel_fail_and_reconcile(ray_lab):
     ok_runs = submit_seeds(tiny_spec(), [0, 1])
     long_run = submit_run(tiny_spec(dataset={"max_train": 2000}, train={"epochs": 200}))
-    bad_run = submit_run(tiny_spec(dataset={"name": "no_such_file.csv"}))
+    runs_before = len(store.list_runs(limit=None))
+    with pytest.raises(UserError, match="dataset.name.*no_such_file.csv"):  # refused before any run row exists
+        submit_run(tiny_spec(dataset={"name": "no_such_file.csv"}))
+    assert len(store.list_runs(limit=None)) == runs_before
 
     # Cancel the long run once it is really training (it has logged a metric).
     wait_for(lambda: not store.get_metrics([long_run]).empty)
     assert store.get_run(long_run)["status"] == "running"
     assert cancel_run(long_run)
 
-    final = {rid: wait_for(lambda rid=rid: _final(rid)) for rid in [*ok_runs, long_run, bad_run]}
+    final = {rid: wait_for(lambda rid=rid: _final(rid)) for rid in [*ok_runs, long_run]}
     for rid in ok_runs:
         run = final[rid]
         assert run["status"] == "succeeded", run["error"]
@@ -41,25 +45,33 @@ def test_submit_cancel_fail_and_reconcile(ray_lab):
 
     assert final[long_run]["status"] == "cancelled"
     assert not store.get_metrics([long_run]).empty  # what it logged before the cancel is kept
-    assert final[bad_run]["status"] == "failed"
-    assert "dataset.name" in final[bad_run]["error"] and "no_such_file.csv" in final[bad_run]["error"]
 
     # Ray agrees with the database.
     client = cluster.job_client()
     ray_status = lambda rid: str(wait_for(lambda: _terminal_job(client, rid)))  # noqa: E731
     assert [ray_status(r) for r in ok_runs] == ["SUCCEEDED", "SUCCEEDED"]
     assert ray_status(long_run) == "STOPPED"
-    assert ray_status(bad_run) == "FAILED"
-    assert reconcile() == {}
+    assert sweep() == {}
     # Each job's CPU threads are capped at the CPUs Ray reserved for it (num_cpus 1 in tiny_spec).
     assert client.get_job_info(ok_runs[0]).runtime_env["env_vars"]["OMP_NUM_THREADS"] == "1"
 
 
-def test_reconcile_fails_runs_ray_does_not_know(ray_lab):
+def test_sweep_retries_a_run_whose_job_ray_lost(ray_lab):
+    """A queued run that Ray does not know (its submission was lost with a restarted head) is lost after the
+    submission grace, then retried as attempt 2, which trains it to the end."""
+    from datetime import timedelta
+
+    from db.schema import utcnow
+    from tests.test_lifecycle import _set
+
     run_id = store.create_run(_spec_dict(), executor="ray")
-    assert reconcile() == {run_id: "failed"}
-    run = store.get_run(run_id)
-    assert run["status"] == "failed" and "Ray no longer knows" in run["error"]
+    assert sweep() == {}  # within the grace: it may still be being submitted
+    _set(run_id, created_at=utcnow() - timedelta(minutes=5))
+    # This sweep or the keeper's (every 5 s on the cluster) retries it, exactly once.
+    assert sweep().get(run_id, "unchanged") in ("retried as attempt 2", "unchanged")
+    run = wait_for(lambda: _final(run_id))
+    assert (run["status"], run["attempt"]) == ("succeeded", 2), run["error"]
+    assert str(cluster.job_client().get_job_status(job_id(run_id, 2))) in ("SUCCEEDED", "RUNNING")
 
 
 def test_local_head_requires_the_token(ray_lab):
@@ -105,3 +117,29 @@ def _final(run_id: str):
 def _terminal_job(client, run_id):
     status = client.get_job_status(run_id)
     return status if status.is_terminal() else None
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def test_local_head_listens_on_loopback_only_and_keeps_its_files_private(ray_lab):
+    """Every socket that the head and its processes (GCS, raylet, dashboard, agents, metrics exporters, workers,
+    the keeper) listen on is on loopback; Ray's temp folder sits in a folder of the owner's only."""
+    import json
+    import stat
+
+    import psutil
+
+    head = psutil.Process(json.loads(cluster.state_file().read_text())["pid"])
+    pids = {head.pid} | {p.pid for p in head.children(recursive=True)}
+    listening = [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in pids]  # fmt: skip
+    assert len(listening) >= 5, listening  # GCS, raylet, dashboard, agents: the check did see the head
+    outside = [entry for entry in listening if entry[0] not in LOOPBACK]
+    assert not outside, outside
+    temp_dirs = {Path(arg.split("=", 1)[1]) for arg in head.cmdline() if arg.startswith("--temp-dir=")}
+    assert len(temp_dirs) == 1
+    private = next(iter(temp_dirs)).parent
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert stat.S_IMODE(cluster.ray_dir().stat().st_mode) == 0o700
+    assert stat.S_IMODE(cluster.token_file().stat().st_mode) == 0o600

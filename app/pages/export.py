@@ -11,8 +11,16 @@ import streamlit as st
 
 from app.analysis_common import ExportOptions, adapter_export_options, trained_runs, zip_directory
 from app.common import selected_run_id
-from db import store
-from engine.export import FORMATS, LAB_META_FILE, MANIFEST_FILE, ExportError, export_run, resolve_export_dir
+from db import config, store
+from engine.export import (
+    FORMATS,
+    LAB_META_FILE,
+    MANIFEST_FILE,
+    ExportError,
+    export_run,
+    resolve_export_dir,
+    run_trusts_remote_code,
+)
 from jobs.analysis import AnalysisError, trained_run
 
 st.title("📦 Export")
@@ -28,19 +36,28 @@ except AnalysisError as err:
     st.stop()
 
 
+# The run's spec in the database, never the adapter's files, decides whether its base model's code may run.
+trust_remote_code = run_trusts_remote_code(run)
+
+
 @st.cache_data(show_spinner="Reading the adapter")
-def options_of(adapter_dir: str, adapter_sha256: str) -> ExportOptions:
+def options_of(adapter_dir: str, adapter_sha256: str, trust_remote_code: bool) -> ExportOptions:
     """What the adapter can be exported as; cached per adapter file (its sha256 is part of the key)."""
-    return adapter_export_options(adapter_dir)
+    return adapter_export_options(adapter_dir, trust_remote_code)
 
 
 def export_dir(fmt: str) -> Path:
-    """One export per format and run, replaced by the next export of that format."""
-    return resolve_export_dir(f"{run_id}-{fmt}")
+    """One export per format and run, replaced by the next export of that format.
+
+    The name goes through ``resolve_export_dir`` under the page's export root (``PEFTLAB_EXPORTS``, else
+    ``exports`` in the home), the rule every export follows (no ``..``, nothing outside the root, no symlinks, not
+    the root itself).
+    """
+    return resolve_export_dir(f"{run_id}-{fmt}", config.exports_root())
 
 
 try:
-    options = options_of(str(adapter_dir), store.list_artifacts(run_id, "adapter")[-1]["sha256"])
+    options = options_of(str(adapter_dir), store.list_artifacts(run_id, "adapter")[-1]["sha256"], trust_remote_code)
 except ExportError as err:
     st.error(f"The adapter of this run cannot be read: {err}")
     st.stop()
@@ -50,8 +67,9 @@ def run_export(fmt: str, **kwargs) -> None:
     with st.spinner(f"Exporting {fmt}"):
         try:
             result = export_run(
-                adapter_dir, fmt, export_dir(fmt).name, summary=run["summary"], overwrite=True, **kwargs
-            )
+                adapter_dir, fmt, export_dir(fmt).name, root=config.exports_root(), summary=run["summary"],
+                overwrite=True, trust_remote_code=trust_remote_code, **kwargs,
+            )  # fmt: skip
         except ExportError as err:
             st.error(f"{fmt}: {err}")
             return
@@ -102,7 +120,15 @@ with merged:
             run_export("merged")
 
 # --- exports on disk ------------------------------------------------------------------------------------
-exports = {fmt: export_dir(fmt) for fmt in FORMATS if (export_dir(fmt) / MANIFEST_FILE).is_file()}
+exports = {}
+for fmt in FORMATS:
+    try:
+        directory = export_dir(fmt)
+    except ExportError as err:  # e.g. a symlink planted under the export root
+        st.warning(f"{fmt}: {err}")
+        continue
+    if (directory / MANIFEST_FILE).is_file():
+        exports[fmt] = directory
 if not exports:
     st.info("No export of this run yet.")
     st.stop()

@@ -9,7 +9,7 @@ import streamlit as st
 import yaml
 
 from app import charts
-from app.common import STATUS_ICONS, elapsed_s, format_duration, selected_run_id
+from app.common import STATUS_ICONS, elapsed_s, format_duration, resume_button, selected_run_id
 from db import store
 
 st.title("🔎 Run detail")
@@ -58,6 +58,9 @@ def detail() -> None:
 
         cancel_run(run_id)
         st.rerun()
+    resume_button(run, key="resume_detail")
+    st.page_link("pages/launch.py", label="Clone into Launch", icon="🧬", query_params={"clone": run_id},
+                 help="Open the Launch form pre-filled with this run's spec")  # fmt: skip
     if run["error"]:
         st.error(run["error"])
 
@@ -79,7 +82,8 @@ def detail() -> None:
     with right:
         st.subheader("Run")
         info = {
-            "device": run["device"], "executor": run["executor"], "created": run["created_at"],
+            "device": run["device"], "executor": run["executor"], "attempt": run["attempt"], "owner": run["owner"],
+            "last heartbeat": run["heartbeat_at"], "created": run["created_at"],
             "started": run["started_at"], "finished": run["finished_at"], **(summary.get("timings") or {}),
             "steps": summary.get("steps"), "adapter params (formula)": summary.get("adapter_params"),
         }  # fmt: skip

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app import charts
-from app.common import STATUS_ICONS, elapsed_s, final_accuracy, format_duration, run_label
+from app.common import STATUS_ICONS, elapsed_s, final_accuracy, format_duration, resume_button, run_label
 from db import store
 from engine.methods import method_names
 
@@ -28,6 +28,7 @@ def runs_table(runs: list[dict]) -> pd.DataFrame:
             "model": [r["model"] for r in runs],
             "dataset": [r["dataset"] for r in runs],
             "seed": [r["seed"] for r in runs],
+            "attempt": [r["attempt"] for r in runs],
             "progress": [float(r["progress"] or 0.0) for r in runs],
             "elapsed": [format_duration(elapsed_s(r)) for r in runs],
             "eval accuracy": [final_accuracy(r) for r in runs],
@@ -39,10 +40,8 @@ def runs_table(runs: list[dict]) -> pd.DataFrame:
 
 @st.fragment(run_every=2.0)
 def live_runs() -> None:
-    """Re-runs every 2 s on its own: the table and curves update without reloading the page."""
-    from jobs.runs import reconcile
-
-    reconcile()
+    """Re-runs every 2 s on its own: the table and curves update without reloading the page. Reading the runs
+    applies the liveness rule, so a run whose worker died shows as lost (and the keeper retries it)."""
     runs = store.list_runs(status=status_filter or None, methods=method_filter or None, limit=int(limit))
     if not runs:
         st.info("No runs yet: launch some on the Launch page.")
@@ -79,12 +78,13 @@ def live_runs() -> None:
             cancel_run(target)
             st.toast(f"cancelled {target}")
 
-    failed = [r for r in runs if r["status"] == "failed"][:5]
-    for r in failed:
-        with st.expander(f"❌ {run_label(r)}"):
+    stopped = [r for r in runs if r["status"] in ("failed", "lost", "cancelled")][:5]
+    for r in stopped:
+        with st.expander(f"{STATUS_ICONS[r['status']]} {run_label(r)}"):
             from jobs.runs import job_logs
 
             st.error(r["error"] or "no error recorded")
+            resume_button(r, key=f"resume_{r['id']}")
             st.code(job_logs(r["id"], tail=40) or "(no log)", language="text")
 
 

@@ -36,7 +36,8 @@ def save_arrays(path: str | Path, arrays: Mapping[str, np.ndarray], meta: Mappin
     npz_path, json_path = artifact_paths(path)
     npz_path.parent.mkdir(parents=True, exist_ok=True)
     with open(npz_path, "wb") as handle:  # a file object keeps numpy from appending its own suffix
-        np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
+        # allow_pickle (numpy's default) is named so that no array name can be taken for it
+        np.savez(handle, allow_pickle=True, **{k: np.asarray(v) for k, v in arrays.items()})
     json_path.write_text(json.dumps(meta, indent=1, default=_json_default))
     return npz_path, json_path
 

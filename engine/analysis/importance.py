@@ -17,7 +17,8 @@ by method name:
 ``LayerNormProfiler`` records, at chosen steps, per adapted layer: ``‖∇θ‖`` (the gradient norm of the layer's
 adapter parameters at the step's backward pass, before clipping) and ``‖θ − θ_start‖``, the distance travelled
 since the profiler started. Cheap: the gradient norm is read by a post-accumulate-grad hook only on the steps to
-be recorded (one fused reduction per tensor), and one host transfer per recorded step.
+be recorded (one fused reduction per tensor), and one host transfer per recorded step. It is a training-loop
+``StepHook`` (``engine.train``); ``default_hooks`` is the factory the worker passes to ``engine.train.train``.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def vector_table(
     values: Mapping[str, float] | Sequence[float], *, index_name: str = "layer", value_name: str = "value"
 ) -> pd.DataFrame:
     """A per-layer vector (a mapping name → value, or a sequence indexed 0..n−1) as a two-column table."""
+    index: list[str] | list[int]
     if isinstance(values, Mapping):
         index, data = list(values), [np.nan if v is None else float(v) for v in values.values()]
     else:
@@ -214,7 +216,7 @@ def vectors_table(
 
 def router_mean_table(loads: Mapping[str, Any]) -> pd.DataFrame:
     """Whole-run loads per layer and expert, (layer, expert, load); an entry is a vector or a dict with ``mean``."""
-    vectors = {}
+    vectors: dict[str, Any] = {}
     for layer, entry in loads.items():
         vector = entry.get("mean") if isinstance(entry, Mapping) else entry
         if is_vector(vector):
@@ -243,7 +245,9 @@ def snapshot_table(snapshots: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Snapshots of per-layer vectors over training as (layer, role, block, step, expert, load)."""
     frames = []
     for snapshot in snapshots:
-        frame = vectors_table(_snapshot_vectors(snapshot))
+        vectors = _snapshot_vectors(snapshot)
+        assert vectors is not None, "not a snapshot list (is_snapshot_list)"
+        frame = vectors_table(vectors)
         frame["step"] = int(snapshot["step"])
         frames.append(frame)
     columns = ["layer", "role", "block", "step", "expert", "load"]
@@ -336,7 +340,8 @@ class LayerNormProfiler:
 
     @staticmethod
     def _layer_params(module: nn.Module) -> list[nn.Parameter]:
-        params = module.adapter_parameters() if hasattr(module, "adapter_parameters") else list(module.parameters())
+        adapter_parameters = getattr(module, "adapter_parameters", None)
+        params = adapter_parameters() if callable(adapter_parameters) else list(module.parameters())
         return [p for p in params if p.requires_grad]
 
     def _scan(self) -> dict[str, list[nn.Parameter]]:
@@ -392,6 +397,21 @@ class LayerNormProfiler:
         for handle in self._hooks.values():
             handle.remove()
         self._hooks.clear()
+
+    # --- engine.train.StepHook ---
+
+    def on_step(self, step: int) -> None:
+        self.record(step)
+
+    def artifact(self) -> tuple[str, dict[str, Any]] | None:
+        """The ``norm_profile`` artifact (``to_dict()``), or None when nothing was recorded."""
+        return ("norm_profile", self.to_dict()) if self.records else None
+
+
+def default_hooks(model: nn.Module, total_steps: int) -> list[LayerNormProfiler]:
+    """The hooks every run gets (an ``engine.train.HookFactory``): per-layer gradient and update norms of the
+    adapters, about 20 points over the run plus the last step (the Importance view's ``norm_profile``)."""
+    return [LayerNormProfiler(model, every=max(1, total_steps // 20), steps=[total_steps])]
 
 
 def norm_profile_table(records: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> pd.DataFrame:

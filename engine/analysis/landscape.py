@@ -76,6 +76,8 @@ def make_objective(
 
         return from_output
 
+    assert model_loss is not None  # exactly one of the two is given
+
     def from_model(model: nn.Module, batch: Any):
         result = model_loss(model, batch)
         return (result[0], result[1]) if isinstance(result, tuple) else (result, None)
@@ -456,7 +458,8 @@ def landscape_2d(
     objective = make_objective(loss_fn, model_loss)
     center = trainable_parameters(model, param_names)
     if directions is None:
-        directions = tuple(random_directions(center, 2, seed=seed, normalization=normalization, one_dim=one_dim))
+        first, second = random_directions(center, 2, seed=seed, normalization=normalization, one_dim=one_dim)
+        directions = (first, second)
     batches = limit_examples(batches, max_examples)
     alphas = np.linspace(-span, span, steps)
     betas = np.linspace(-span, span, steps)

@@ -182,6 +182,7 @@ def layer_spectrum(
     if factors is not None:
         raw, source = low_rank_singular_values(*factors), "factors"
     else:
+        assert delta is not None  # one of the two is given (checked above)
         raw, source = dense_singular_values(delta), "dense"
     sigma = clean_spectrum(raw, shape)
     delta_fro = float(np.sqrt((sigma**2).sum()))
@@ -189,6 +190,7 @@ def layer_spectrum(
     sims = None
     if intruder_k > 0:
         if delta is None:
+            assert factors is not None
             delta = factors[0] @ factors[1]
         tuned = base.detach().float() + delta.detach().float()
         sims = intruder_similarities(base, tuned, intruder_k, intruder_side)
@@ -223,7 +225,7 @@ class Spectra:
         return cumulative_energy(self.sigmas[layer])
 
 
-def _row(name: str, shape: tuple[int, int], spectrum: LayerSpectrum) -> dict[str, Any]:
+def _row(name: str, shape: tuple[int, ...], spectrum: LayerSpectrum) -> dict[str, Any]:
     role, block = layer_role_block(name)
     return {
         "layer": name,

@@ -171,6 +171,7 @@ class Houlsby(Method):
 
     name = "houlsby"
     config_cls = HoulsbyConfig
+    config: HoulsbyConfig
     prefix = "houlsby_"
     summary = "Sequential bottleneck adapters h ← h + W_up σ(W_down h) after the attention and MLP outputs"
     paper = "Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP (arXiv 1902.00751)"
@@ -234,6 +235,7 @@ class AdaptFormer(Method):
 
     name = "adaptformer"
     config_cls = AdaptFormerConfig
+    config: AdaptFormerConfig
     prefix = "adaptformer_"
     summary = "Parallel bottleneck beside the MLP: out = MLP(x) + s·W_up ReLU(W_down x)"
     paper = (

@@ -15,7 +15,7 @@ this contract, so adding a method never adds a branch elsewhere:
   ``merged()`` and ``adapter_parameters()``;
 * ``Method.adapter_state_dict`` / ``load_adapter_state_dict`` select tensors by the method's ``prefix``;
 * ``Method.merge(model)`` folds ΔW into dense weights (mergeable methods only);
-* ``Method.adapter_param_count(model)`` is the closed-form count from METHODS.md, tested against reality;
+* ``Method.adapter_param_count(model)`` is the closed-form count from docs/METHODS.md, tested against reality;
 * training hooks (``on_train_start``, ``on_step_end``, ``extra_loss``) and ``artifacts()`` let schedules
   (Pear's pruning, HEAT's calibration) and analyses run inside the one training loop.
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 if TYPE_CHECKING:
@@ -55,10 +55,28 @@ class PeftVariant:
     magnitude: str | None = None
 
 
+# Hugging Face PEFT's names for the same fields, accepted so PEFT users' habits work (``r: 8``).
+PEFT_ALIASES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+
+
 class MethodConfig(BaseModel):
-    """Base of every method's config. Unknown keys are errors (a typo must not be silently ignored)."""
+    """Base of every method's config. Unknown keys are errors (a typo must not be silently ignored). A method
+    whose config has ``rank``, ``alpha`` or ``dropout`` also takes PEFT's ``r``, ``lora_alpha``, ``lora_dropout``."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _peft_names(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for alias, name in PEFT_ALIASES.items():
+            if alias in data and name in cls.model_fields:
+                if name in data:
+                    raise ValueError(f"{alias} and {name} are one setting (PEFT's name and ours): give only one")
+                data[name] = data.pop(alias)
+        return data
 
 
 class TargetedConfig(MethodConfig):
@@ -155,12 +173,13 @@ class Method:
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     prefix: ClassVar[str]  # marks the method's tensors in the state dict (e.g. "lora_")
-    mergeable: ClassVar[bool] = False
+    mergeable: bool = False  # a class default; an instance may decide from its config (HEAT, Lily)
     peft_variant: ClassVar[PeftVariant | None] = None  # set when PEFT's LoRA needs flags to compute this method
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     # Small settings for the shared contract test on tiny models (tests/test_methods_contract.py).
     test_params: ClassVar[dict[str, Any]] = {}
+    config: MethodConfig  # an instance of config_cls; subclasses narrow the type (``config: LoRAConfig``)
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()
@@ -211,7 +230,7 @@ class Method:
         return out
 
     def adapter_param_count(self, model: TaskModel) -> int:
-        """Closed-form parameter count (METHODS.md), excluding the task head. Tested against reality."""
+        """Closed-form parameter count (docs/METHODS.md), excluding the task head. Tested against reality."""
         raise NotImplementedError
 
     def artifacts(self, model: TaskModel) -> dict[str, Any]:
@@ -317,7 +336,7 @@ def method_config(name: str, params: dict[str, Any] | None) -> MethodConfig:
         parts = []
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"])
-            parts.append(f"method.{loc}: {e['msg'].removeprefix('Value error, ')}")
+            parts.append(f"method{'.' + loc if loc else ''}: {e['msg'].removeprefix('Value error, ')}")
         raise ValueError(f"{name}: " + "; ".join(parts)) from None
 
 

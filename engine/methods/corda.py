@@ -67,9 +67,9 @@ class InputCovariance:
     def add(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
         """``x``: (batch, ..., d_in) inputs of one forward; ``token_mask``: (batch, tokens) or None."""
         x = x.detach().float().reshape(x.shape[0], -1, x.shape[-1])
-        use_mask = token_mask is not None and tuple(token_mask.shape) == tuple(x.shape[:2])
+        mask = token_mask if token_mask is not None and tuple(token_mask.shape) == tuple(x.shape[:2]) else None
         for i in range(x.shape[0]):
-            sample = x[i][token_mask[i].bool()] if use_mask else x[i]
+            sample = x[i][mask[i].bool()] if mask is not None else x[i]
             if self.normalisation == "max":
                 sample = sample / sample.max().abs()
             if not torch.isfinite(sample).all():
@@ -134,6 +134,7 @@ class CorDALinear(ResidualLowRankLinear):
 class CorDA(Method):
     name = "corda"
     config_cls = CorDAConfig
+    config: CorDAConfig
     prefix = "corda_"
     mergeable = True
     summary = "LoRA initialised from the SVD of W0·C (input covariance on calibration batches), ipm or kpm"
@@ -193,6 +194,7 @@ class CorDA(Method):
         """Re-initialise each adapted layer (A, B, residual) from its input covariance, in place."""
         cfg: CorDAConfig = self.config
         for name, layer in self.adapted_layers(model).items():
+            assert isinstance(layer, CorDALinear)  # CorDA adapts layers only with CorDALinear
             factor_a, factor_b, summary = context_factors(
                 layer.pretrained_weight(), covariances[name], cfg.rank, cfg.mode, cfg.scaling(), cfg.damping,
                 cfg.inverse_tolerance,

@@ -82,6 +82,7 @@ class DoRALinear(AdaptedLinear):
 class DoRA(Method):
     name = "dora"
     config_cls = DoRAConfig
+    config: DoRAConfig
     prefix = "dora_"
     mergeable = True
     peft_variant = PeftVariant(

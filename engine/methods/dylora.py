@@ -110,6 +110,7 @@ class DyLoRALinear(AdaptedLinear):
 class DyLoRA(Method):
     name = "dylora"
     config_cls = DyLoRAConfig
+    config: DyLoRAConfig
     prefix = "dylora_"
     mergeable = True
     summary = "LoRA trained at a random rank b ≤ r_max each step (scale α/b); evaluate at any rank afterwards"
@@ -144,6 +145,7 @@ class DyLoRA(Method):
             raise ValueError(f"dylora eval rank {rank} must lie in 1..{self.config.rank}")
         self.eval_rank = rank
         for layer in self.adapted_layers(model).values():
+            assert isinstance(layer, DyLoRALinear)  # DyLoRA adapts layers only with DyLoRALinear
             layer.eval_rank = rank
 
     def sample_training_rank(self, step: int) -> int:
@@ -154,6 +156,7 @@ class DyLoRA(Method):
     def set_training_rank(self, model: nn.Module, rank: int) -> None:
         self.training_rank = rank
         for layer in self.adapted_layers(model).values():
+            assert isinstance(layer, DyLoRALinear)
             layer.train_rank = rank
 
     # -- hooks -----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """HEAT: head-level adaptation with Taylor importance (arXiv 2404.08894).
 
 HEAT scores every attention head with a first-order Taylor importance (TIS) and masks the adaptation of the
-least important heads. The paper's exact definitions are not public; ours (METHODS.md, "HEAT"), per block b
+least important heads. The paper's exact definitions are not public; ours (docs/METHODS.md#heat), per block b
 and head h, with ``g = ∂L/∂θ`` on one calibration batch:
 
 * ``weight``:  ``TIS = |Σ_{θ ∈ head h's slices of W_q, W_k, W_v, W_o} θ · g|`` (rows of q/k/v, columns of o;
@@ -85,6 +85,8 @@ class HEATConfig(TargetedConfig):
 class HeadMask(nn.Module):
     """A 0/1 mask per head over one feature axis of width ``num_heads · head_dim`` (head-major, as attention)."""
 
+    heads: torch.Tensor  # buffer registered in __init__
+
     def __init__(self, num_heads: int, width: int, device: torch.device, dtype: torch.dtype):
         super().__init__()
         if num_heads < 1 or width % num_heads:
@@ -137,7 +139,7 @@ class HeadMaskedLoRALinear(LoRALinear):
         b, a = self.low_rank_factors()
         return b @ a
 
-    def head_sliced_parameters(self) -> list[tuple[nn.Parameter, int]]:
+    def head_sliced_parameters(self) -> list[tuple[torch.Tensor, int]]:
         """The tensors whose slices belong to one head, with the axis the heads split."""
         return [(self.lora_B.weight, 0)] if self.head_axis == 0 else [(self.lora_A.weight, 1)]
 
@@ -171,7 +173,7 @@ class HeadMaskedAdapterLinear(AdaptedLinear):
             update = self.heat_mask(update)
         return self.base(x) + update
 
-    def head_sliced_parameters(self) -> list[tuple[nn.Parameter, int]]:
+    def head_sliced_parameters(self) -> list[tuple[torch.Tensor, int]]:
         return [(self.heat_up.weight, 0)] if self.head_axis == 0 else [(self.heat_down.weight, 1)]
 
 
@@ -206,7 +208,7 @@ def taylor_scores(
     return (total / n).cpu()
 
 
-def _dense_weight(module: nn.Module) -> torch.Tensor:
+def _dense_weight(module: nn.Linear | AdaptedLinear) -> torch.Tensor:
     return module.base.weight if isinstance(module, AdaptedLinear) else module.weight
 
 
@@ -317,6 +319,7 @@ class HEAT(Method):
 
     name = "heat"
     config_cls = HEATConfig
+    config: HEATConfig
     prefix = "heat_"
     mergeable = True  # with the default LoRA base; an instance with the adapter base sets it False
     summary = "LoRA/adapter on q,k,v,o with the least Taylor-important attention heads' updates masked"
@@ -445,6 +448,7 @@ class HEAT(Method):
         """The blocks × heads score matrix (a heatmap), the strategy and the mask."""
         if self.scores is None:
             return {}
+        assert self.head_mask is not None  # installed together with the scores (calibrate, load_state)
         masked_params = 0
         for _, layer in self._masked_layers(model):
             n_masked = int((layer.heat_mask.heads == 0).sum())

@@ -92,6 +92,7 @@ class Hydra(Method):
 
     name = "hydra"
     config_cls = HydraConfig
+    config: HydraConfig
     prefix = "hydra_"
     mergeable = True
     summary = "Parallel LoRA branch on the input plus a sequential low-rank branch on the frozen output"

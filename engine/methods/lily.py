@@ -114,6 +114,7 @@ class RouterLoads:
     def close_window(self, step: int) -> None:
         if not self.window_forwards:
             return
+        assert self.window is not None  # add() sets it with the window's first forward
         self.history.append((step, self.window / self.window_forwards, self.window_forwards))
         self.window, self.window_forwards = None, 0
         if len(self.history) > self.max_points:
@@ -127,7 +128,7 @@ class RouterLoads:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "mean": (self.total / self.forwards).tolist() if self.forwards else None,
+            "mean": (self.total / self.forwards).tolist() if self.total is not None else None,
             "forwards": self.forwards,
             "history_steps": [s for s, _, _ in self.history],
             "history": [p.tolist() for _, p, _ in self.history],
@@ -191,13 +192,14 @@ class Lily(Method):
 
     name = "lily"
     config_cls = LilyConfig
+    config: LilyConfig
     prefix = "lily_"
     summary = "LPs per layer (or stride of layers), HP experts shared across layers, mixed by per-layer routers"
     paper = "Zhong et al. 2024, Low-Rank Interconnected Adaptation across Layers (arXiv 2407.09946)"
     test_params = {"rank": 4, "num_experts": 3, "lp_stride": 2, "scaling": 0.5, "target_roles": ["q", "v", "fc1"]}
 
     @property
-    def mergeable(self) -> bool:  # type: ignore[override]
+    def mergeable(self) -> bool:  # type: ignore[override]  # read-only here, a plain attribute on Method
         """Only the monoscale ablation without ReLU is a fixed linear map, hence mergeable."""
         return self.config.monoscale and not self._uses_relu()
 
@@ -224,6 +226,7 @@ class Lily(Method):
             for i, layer in enumerate(layers):
                 if i % stride == 0:
                     lp = nn.Linear(d_in, cfg.rank, bias=False, device=w.device, dtype=w.dtype)
+                assert lp is not None  # made at i = 0
                 router = None
                 if not cfg.monoscale:
                     router = nn.Linear(cfg.rank, cfg.num_experts, bias=False, device=w.device, dtype=w.dtype)

@@ -52,6 +52,7 @@ class LoRALinear(AdaptedLinear):
 class LoRA(Method):
     name = "lora"
     config_cls = LoRAConfig
+    config: LoRAConfig
     prefix = "lora_"
     mergeable = True
     summary = "Low-rank update ΔW = (α/r)·B A on the chosen layers"

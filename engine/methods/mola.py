@@ -88,6 +88,8 @@ class MoLALinear(AdaptedLinear):
     """A frozen linear layer plus ``E`` LoRA experts mixed per token by a top-k router."""
 
     linear_in_x = False
+    routed_total: torch.Tensor  # buffers registered in __init__
+    routed_window: torch.Tensor
 
     def __init__(
         self,
@@ -154,6 +156,7 @@ class MoLA(Method):
 
     name = "mola"
     config_cls = MoLAConfig
+    config: MoLAConfig
     prefix = "mola_"
     mergeable = False
     summary = "Per-token top-k mixture of LoRA experts, more experts in deeper layers (e.g. 2-4-6-8)"

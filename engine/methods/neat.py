@@ -98,6 +98,7 @@ class NEAT(Method):
 
     name = "neat"
     config_cls = NEATConfig
+    config: NEATConfig
     prefix = "neat_"
     mergeable = True
     summary = "Nonlinear update ΔW = s·B σ(A W0) computed from the frozen weight (optionally deeper, U-Net skips)"

@@ -2,7 +2,7 @@
 
 What the paper makes public: adapters at many positions of a ViT are scored, the less important ones pruned;
 each pruned position reuses ("shares") an important unpruned adapter and keeps adapting; a "knowledge
-checkpoint" keeps what the pruned adapters had learnt. The rest is our design (METHODS.md, "Pear"):
+checkpoint" keeps what the pruned adapters had learnt. The rest is our design (docs/METHODS.md#pear):
 
 * **Positions.** One parallel bottleneck adapter (``adapters.Bottleneck``) per block × site. Sites, each a
   branch parallel to one sub-layer of the block (read the sub-layer's input, add to its output before the
@@ -148,6 +148,7 @@ class Pear(Method):
 
     name = "pear"
     config_cls = PearConfig
+    config: PearConfig
     prefix = "pear_"
     summary = "Parallel adapters scored by Taylor importance; the weak half pruned and replaced by shared strong ones"
     paper = "Zhong & Zhou 2024, Pear: Pruning and Sharing Adapters in Visual Parameter-Efficient Fine-Tuning (arXiv 2409.19733)"  # noqa: E501
@@ -229,10 +230,11 @@ class Pear(Method):
         was_training = model.training
         model.eval()
         try:
+            gates: list[torch.Tensor] = []
             for layer in positions.values():
                 w = layer.base.weight
                 layer.importance_gate = torch.ones((), device=w.device, dtype=w.dtype, requires_grad=True)
-            gates = [layer.importance_gate for layer in positions.values()]
+                gates.append(layer.importance_gate)
             for i, batch in enumerate(ctx.batches()):
                 if i >= self.config.calibration_batches:
                     break

@@ -150,6 +150,7 @@ class PiSSALinear(ResidualLowRankLinear):
 class PiSSA(Method):
     name = "pissa"
     config_cls = PiSSAConfig
+    config: PiSSAConfig
     prefix = "pissa_"
     mergeable = True
     summary = "LoRA initialised on the top-r singular components of W0; the residual W0 − sBA is frozen"

@@ -216,6 +216,7 @@ class SoKA(Method):
 
     name = "soka"
     config_cls = SoKAConfig
+    config: SoKAConfig
     prefix = "soka_"
     mergeable = True
     summary = "ΔW = Σ U_k ⊗ V_k initialised by Kronecker-product SVD of W0, rank from the spectrum (PiSSA-style)"

@@ -1,0 +1,126 @@
+"""Studies: start one from YAML, follow its progress and best trial, and read the search: parallel coordinates,
+the metric against each searched field, every trial's curve (stopped ones greyed), a sortable trial table."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+import yaml
+
+from app import study_view
+from app.common import STATUS_ICONS
+from db import store
+from db import studies as db_studies
+from engine.errors import UserError
+
+st.title("🔬 Studies")
+
+EXAMPLE = """\
+name: tiny-lr-grid
+spec:
+  model: tiny-bert
+  dataset: {name: tweets-sentiment, max_train: 64, max_eval: 32, max_length: 16}
+  method: {name: lora, rank: 4}
+  train: {epochs: 1, batch_size: 16, log_every: 1, num_threads: 1}
+space:
+  train.lr: {grid: [1.0e-4, 3.0e-3, 3.0e-2]}
+seeds: [0, 1]
+search: grid
+max_concurrent: 2
+"""
+
+
+def study_form() -> None:
+    """A study as YAML (see recipes/studies/), checked as you type: the number of trials, or the first error."""
+    from engine.study import count_trials, parse_study
+
+    text = st.text_area("Study YAML", value=st.session_state.get("study_yaml", EXAMPLE), height=300, key="study_yaml")
+    try:
+        data = yaml.safe_load(text)
+        study = parse_study(data)
+    except (UserError, yaml.YAMLError) as err:
+        st.error(" ".join(str(err).split()))
+        return
+    scheduler = "ASHA" if study.asha else "FIFO"
+    st.success(f"{count_trials(study)} trials · {study.search} search · {scheduler} · {study.max_concurrent} at once")
+    if st.button("Launch study", type="primary", key="launch_study"):
+        from jobs.studies import submit_study
+
+        try:
+            study_id = submit_study(study)
+        except UserError as err:
+            st.error(" ".join(str(err).split()))
+            return
+        st.query_params["study"] = study_id
+        st.rerun()
+
+
+with st.expander("New study", expanded=not db_studies.list_studies(limit=1)):
+    study_form()
+
+studies = db_studies.list_studies()
+if not studies:
+    st.info("No studies yet: write one above, or run python -m app.cli study recipes/studies/tiny-lr-grid.yaml")
+    st.stop()
+ids = [s["id"] for s in studies]
+wanted = st.query_params.get("study")
+labels = {s["id"]: f"{s['name']} · {s['id']} · {s['status']}" for s in studies}
+study_id = st.selectbox("Study", ids, index=ids.index(wanted) if wanted in ids else 0, format_func=labels.get)
+if study_id != wanted:
+    st.query_params["study"] = study_id
+
+
+@st.fragment(run_every=3.0)
+def progress() -> None:
+    from jobs.studies import best_trial
+
+    study = db_studies.get_study(study_id)
+    trials = db_studies.trial_runs(study_id)
+    spec = study["spec"]
+    metric, mode = spec.get("metric", "eval_accuracy"), spec.get("mode", "max")
+    counts = pd.Series([t["status"] for t in trials], dtype=str).value_counts()
+    done = int(sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled")))
+    c = st.columns(5)
+    c[0].metric("study", study["status"])
+    c[1].metric("done", f"{done} / {study['n_trials']}")
+    c[2].metric("running", int(counts.get("running", 0)))
+    c[3].metric("stopped early", int(counts.get("stopped", 0)))
+    c[4].metric("queued", int(counts.get("queued", 0)) + max(0, study["n_trials"] - len(trials)))
+    if study["error"]:
+        st.warning(study["error"])
+    best = best_trial(study_id)
+    if best:
+        shown = ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in best["params"].items())
+        st.success(f"Best so far: {metric} {best['value']:.4f} ({mode}) · {shown}")
+        b = st.columns(3)
+        b[0].link_button("Open best in Launch", f"/launch?clone={best['run_id']}")
+        b[1].link_button("Best trial's detail", f"/run_detail?run={best['run_id']}")
+        run = store.get_run(best["run_id"]) or {}
+        b[2].download_button("Save best as recipe", data=yaml.safe_dump(run.get("spec", {}), sort_keys=False),
+                             file_name=f"{study['name']}-best.yaml", on_click="ignore")  # fmt: skip
+    if study["status"] in ("queued", "running") and st.button("Cancel study", key="cancel_study"):
+        from jobs.studies import cancel_study
+
+        cancel_study(study_id)
+        st.rerun()
+    if not trials:
+        return
+    table = study_view.trials_table(trials, metric)
+    st.plotly_chart(study_view.parallel_coordinates(table, metric, mode), key="parcoords")
+    figs = study_view.sensitivity(table, metric)
+    for col, fig in zip(st.columns(max(1, min(3, len(figs)))), figs):
+        col.plotly_chart(fig, key=f"sens_{fig.layout.title.text}")
+    metrics = store.get_metrics([t["id"] for t in trials], keys=[metric])
+    st.plotly_chart(study_view.eval_curves(metrics, trials, metric), key="curves")
+    table["status"] = [f"{STATUS_ICONS.get(s, '')} {s}" for s in table["status"]]
+    st.dataframe(
+        table, hide_index=True, width="stretch",
+        column_config={
+            "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
+            metric: st.column_config.NumberColumn(format="%.4f"),
+            "detail": st.column_config.LinkColumn("detail", display_text="open"),
+        },
+    )  # fmt: skip
+
+
+progress()
