@@ -36,6 +36,7 @@ def run_trial(config_: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
+    started = time.time()  # the trial's start-up (``startup_s``) counts from here
     study_id = config_["study_id"]
     study = StudySpec.model_validate(db_studies.get_study(study_id)["spec"])  # type: ignore[index]
     if "run_id" in config_:
@@ -75,7 +76,8 @@ def run_trial(config_: dict[str, Any]) -> None:
 
     threads = parse_spec(run["spec"]).resources.num_cpus
     os.environ["OMP_NUM_THREADS"] = str(max(1, int(threads)))
-    execute(run_id, attempt=attempt, echo=False, on_eval=on_eval, node_id=ray.get_runtime_context().get_node_id())
+    node_id = ray.get_runtime_context().get_node_id()
+    execute(run_id, attempt=attempt, echo=False, on_eval=on_eval, node_id=node_id, started=started)
     if stopped_by_tune:
         # End the thread as Tune asked. Returning instead would make Tune's wrapper report once more and wait for a
         # reply that never comes to a stopped trial: the thread would hang, and its actor could not be reused.
