@@ -68,6 +68,9 @@ labels = {s["id"]: f"{s['name']} · {s['id']} · {s['status']}" for s in studies
 study_id = st.selectbox("Study", ids, index=ids.index(wanted) if wanted in ids else 0, format_func=labels.get)
 if study_id != wanted:
     st.query_params["study"] = study_id
+links = st.columns(4)
+links[0].link_button("Its trials in Runs", f"/runs?study={study_id}")
+links[1].link_button("Compare its trials", f"/compare?study={study_id}&status=succeeded,stopped")
 
 
 @st.fragment(run_every=3.0)
