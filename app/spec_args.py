@@ -105,6 +105,18 @@ def _method_params(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     return params, rest
 
 
+def _drop_other_names(method: dict[str, Any], flags: dict[str, Any]) -> None:
+    """A flag given by PEFT's name (``--method.r``) replaces the file's setting under ours (``rank``), and the other
+    way round, instead of the two clashing."""
+    from engine.methods.base import PEFT_ALIASES
+
+    for alias, name in PEFT_ALIASES.items():
+        if alias in flags and name not in flags:
+            method.pop(name, None)
+        if name in flags and alias not in flags:
+            method.pop(alias, None)
+
+
 def _given(argv: list[str], fields: list[SpecField]) -> list[SpecField]:
     """The fields whose flag is on the command line (a flag set to null counts, so the value must be read)."""
     flags = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
@@ -159,6 +171,7 @@ def spec_from_args(command: str, argv: list[str]) -> tuple[RunSpec, argparse.Nam
 
         data.setdefault("method", {"name": field_default("method.name")})  # a new name must differ from something
         data = apply(data, overrides)
+        _drop_other_names(data["method"], method_params)
     try:
         spec = parse_spec(data)
     except SpecError as err:
