@@ -26,55 +26,6 @@ if TYPE_CHECKING:
 # --- runs ------------------------------------------------------------------------------------------
 
 
-def short_label(run: dict | pd.Series) -> str:
-    """A compact legend entry: name (or method), seed and the end of the run id."""
-    return f"{run['name'] or run['method']} s{run['seed']} · {run['id'][-6:]}"
-
-
-def runs_frame(runs: list[dict]) -> pd.DataFrame:
-    """One row per run with the columns ``engine.analysis.compare`` works on (numbers as floats, NaN if absent)."""
-    rows = []
-    for r in runs:
-        summary = r.get("summary") or {}
-        final = summary.get("final_metrics") or {}
-        timings = summary.get("timings") or {}
-        rows.append(
-            {
-                "run_id": r["id"],
-                "label": short_label(r),
-                "name": r["name"] or r["method"],
-                "method": r["method"],
-                "model": r["model"],
-                "dataset": r["dataset"],
-                "experiment": r.get("experiment") or "",
-                "seed": r["seed"],
-                "tags": list(r.get("tags") or []),
-                "status": r["status"],
-                "eval_accuracy": final.get("eval_accuracy"),
-                "eval_loss": final.get("eval_loss"),
-                "trainable_params": r.get("trainable_params"),
-                "total_params": r.get("total_params"),
-                "ms_per_step": timings.get("ms_per_step"),
-                "peak_rss_mb": timings.get("peak_rss_mb"),
-                "steps": summary.get("steps"),
-                "spec": r.get("spec") or {},
-            }
-        )
-    frame = pd.DataFrame(rows, columns=RUN_COLUMNS)
-    for column in NUMERIC_RUN_COLUMNS:
-        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
-    return frame
-
-
-RUN_COLUMNS = [
-    "run_id", "label", "name", "method", "model", "dataset", "experiment", "seed", "tags", "status",
-    "eval_accuracy", "eval_loss", "trainable_params", "total_params", "ms_per_step", "peak_rss_mb", "steps", "spec",
-]  # fmt: skip
-NUMERIC_RUN_COLUMNS = [
-    "eval_accuracy", "eval_loss", "trainable_params", "total_params", "ms_per_step", "peak_rss_mb", "steps",
-]  # fmt: skip
-
-
 def trained_runs() -> list[dict]:
     """Runs that finished training (the ones with an adapter to analyse), newest first."""
     return store.list_runs(status=["succeeded"], limit=None)

@@ -7,7 +7,8 @@ import pandas as pd
 import streamlit as st
 
 from app import charts
-from app.analysis_common import display_table, runs_frame
+from app.analysis_common import display_table
+from app.summary import runs_frame
 from db import store
 from engine.analysis.compare import (
     differences_only,
