@@ -17,8 +17,12 @@ minutes). Figures are ratios of wall times measured in the same run.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from bench.bench_infra import temporary_lab, tiny_run_spec, wait_for_final
@@ -109,13 +113,26 @@ def best_accuracy(study_id: str) -> float:
     )
 
 
+@contextmanager
+def study_lab() -> Iterator[Path]:
+    """A temporary PEFT Lab home, or ``PEFTLAB_BENCH_HOME`` when set: kept afterwards, so its studies can be opened
+    on the Studies page (``PEFTLAB_HOME=… ./run_app.sh``)."""
+    keep = os.environ.get("PEFTLAB_BENCH_HOME")
+    if keep:
+        with store.using_home(Path(keep)) as home:
+            yield home
+    else:
+        with temporary_lab() as home:
+            yield home
+
+
 def bench_study(reps: int = 1, quick: bool = False) -> list[Figure]:
     from jobs import cluster
     from jobs.runs import submit_run
 
     group = "study"
     figures: list[Figure] = []
-    with temporary_lab():
+    with study_lab():
         cluster.start_local_head(num_cpus=2)
         try:
             warm = wait_for_final(submit_run(tiny_run_spec(max_steps=1)), timeout_s=300)  # the head's own warm-up
