@@ -10,7 +10,7 @@ from app import charts
 from app.analysis_common import pick_runs, short_label, short_layer_names, stored_spectra, trained_runs
 from app.common import config_form
 from engine.analysis.spectra import SCALAR_COLUMNS
-from engine.export import ExportError
+from engine.artifacts import AdapterError
 from jobs.analysis import AnalysisError, SpectraParams, compute_analysis
 
 st.title("📈 Spectra of ΔW")
@@ -35,7 +35,7 @@ if st.button(label, type="primary" if missing else "secondary", key="spectra_com
         with st.spinner(f"Spectra of {short_label(by_id[run_id])}"):
             try:
                 compute_analysis(run_id, "spectra", params, force=force)
-            except (AnalysisError, ExportError) as err:
+            except (AnalysisError, AdapterError) as err:
                 st.error(f"{short_label(by_id[run_id])}: {err}")
     stored = {run_id: stored_spectra(run_id) for run_id in selected}
 
