@@ -96,7 +96,16 @@ __all__ = [
 ExportFormat = Literal["native", "peft", "merged"]
 FORMATS: tuple[str, ...] = ("native", "peft", "merged")
 
-fresh_model = build_model  # the name callers used before engine.artifacts
+
+def fresh_model(meta: AdapterMeta | dict[str, Any], *, trust_remote_code: bool = False) -> TaskModel:
+    """``engine.artifacts.build_model`` under its former name, also for a record held as a plain dict (only
+    ``model``, ``num_labels`` and the model options are read, so a partial dict is enough)."""
+    if isinstance(meta, dict):
+        meta = AdapterMeta.model_construct(
+            model=meta["model"], num_labels=int(meta["num_labels"]), spec=meta.get("spec"),
+            model_options=meta.get("model_options"),
+        )  # fmt: skip
+    return build_model(meta, trust_remote_code=trust_remote_code)
 
 
 @dataclass
