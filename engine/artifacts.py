@@ -122,7 +122,7 @@ class AdapterMeta(BaseModel):
 
     def options(self) -> dict[str, Any]:
         """The base model's options (``init_seed``, timm's ``pretrained``, ...) recorded in the adapter."""
-        return dict((self.spec or {}).get("model_options") or self.model_options or {})
+        return model_options(self.spec, self.model_options)
 
     def describe(self) -> str:
         return f"{self.model!r} (source {self.model_source or 'unknown'})"
@@ -130,6 +130,11 @@ class AdapterMeta(BaseModel):
     def file_prefix(self, name: str) -> str:
         """``"<directory>/<name>: "`` when the record came from a directory, so an error names the file."""
         return f"{self._directory / name}: " if self._directory is not None else ""
+
+
+def model_options(spec: dict[str, Any] | None, recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """The base model's options: the spec's ``model_options``, else the top-level ones older files recorded."""
+    return dict((spec or {}).get("model_options") or recorded or {})
 
 
 class AdaptedModel(NamedTuple):

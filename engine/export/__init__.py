@@ -43,6 +43,7 @@ from engine.artifacts import (
     build_model,
     check_adapter_fits,
     check_base_fingerprint,
+    model_options,
     read_adapter,
     read_json,
     read_safetensors,
@@ -79,7 +80,7 @@ from engine.export.peft_format import (
     write_peft,
 )
 from engine.methods import Method
-from engine.models import TaskModel
+from engine.models import TaskModel, load_model
 
 __all__ = [
     "ADAPTER_CONFIG_FILE", "ADAPTER_FILE", "EXACT_TOLERANCE", "FORMATS", "FORMAT_VERSION", "LAB_META_FILE",
@@ -101,10 +102,8 @@ def fresh_model(meta: AdapterMeta | dict[str, Any], *, trust_remote_code: bool =
     """``engine.artifacts.build_model`` under its former name, also for a record held as a plain dict (only
     ``model``, ``num_labels`` and the model options are read, so a partial dict is enough)."""
     if isinstance(meta, dict):
-        meta = AdapterMeta.model_construct(
-            model=meta["model"], num_labels=int(meta["num_labels"]), spec=meta.get("spec"),
-            model_options=meta.get("model_options"),
-        )  # fmt: skip
+        options = model_options(meta.get("spec"), meta.get("model_options"))
+        return load_model(meta["model"], int(meta["num_labels"]), options=options, trust_remote_code=trust_remote_code)
     return build_model(meta, trust_remote_code=trust_remote_code)
 
 
