@@ -280,14 +280,12 @@ def export_options(model: TaskModel, method: Method) -> ExportOptions:
 def adapter_export_options(adapter_dir: str | Path, trust_remote_code: bool = False) -> ExportOptions:
     """``export_options`` of a run's adapter directory (the adapter applied to a freshly loaded base model).
 
-    ``trust_remote_code`` comes from the run's spec in the database (``engine.export.run_trusts_remote_code``).
+    ``trust_remote_code`` comes from the run's spec in the database (``engine.artifacts.run_trusts_remote_code``).
     """
-    from engine.export import apply_adapter, fresh_model, import_adapter
+    from engine.artifacts import load_adapted_model
 
-    imported = import_adapter(adapter_dir, trust_remote_code=trust_remote_code)
-    base = fresh_model(imported.meta, trust_remote_code=trust_remote_code)
-    model, method = apply_adapter(imported.meta, imported.tensors, base)
-    return export_options(model, method)
+    adapted = load_adapted_model(adapter_dir, trust_remote_code=trust_remote_code)
+    return export_options(adapted.model, adapted.method)
 
 
 def zip_directory(directory: str | Path) -> bytes:

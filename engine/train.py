@@ -21,16 +21,16 @@ from typing import Any, Protocol
 
 import psutil
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from engine.artifacts import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG_FILE  # re-exported: callers import it here
+from engine.artifacts import ADAPTER_FILE as ADAPTER_FILE
+from engine.artifacts import save_adapter
 from engine.data import DataBundle, iterate_batches, load_data, read_raw
 from engine.methods import Method, TrainContext, build_method
 from engine.models import TaskModel, count_parameters, load_model
 from engine.spec import RunSpec
 
-ADAPTER_FILE = "adapter.safetensors"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -201,30 +201,6 @@ def make_optimizer(model: nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k in names}
-
-
-def save_adapter(prep: Prepared, out_dir: Path, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """Write the adapter (safetensors) and its config (JSON) atomically: temp name, then rename."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights, config = out_dir / ADAPTER_FILE, out_dir / ADAPTER_CONFIG_FILE
-    tmp = weights.with_suffix(".tmp")
-    save_file({k: v.cpu() for k, v in prep.method.adapter_state_dict(prep.model).items()}, str(tmp))
-    os.replace(tmp, weights)
-    meta = {
-        "method": prep.method.name,
-        "method_config": prep.method.config.model_dump(mode="json"),
-        "method_state": prep.method.state(),
-        "model": prep.spec.model,
-        "model_source": prep.model.info.source,
-        "num_labels": prep.data.num_labels,
-        "label_names": prep.data.label_names,
-        "spec": prep.spec.model_dump(mode="json"),
-        **(extra or {}),
-    }
-    tmp = config.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, config)
-    return weights, config
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from db import config, store
 from db.schema import utcnow
+from engine.artifacts import ADAPTER_CONFIG_FILE, ADAPTER_FILE
 from engine.export import README_FILE, plan_import, write_imported_files
-from engine.train import ADAPTER_CONFIG_FILE, ADAPTER_FILE
 
 
 def record_import(

@@ -488,7 +488,7 @@ def test_import_peft_layout_maps_back_to_lora(tmp_path, lab_env):
     exported = export_run(run_dir, "peft", "peft", root=tmp_path / "x")
     imported = import_adapter(exported.path)
     assert imported.source_format == "peft" and imported.spec["method"]["name"] == "lora"
-    assert {k: imported.meta["method_config"][k] for k in params} == {**params, "alpha": 5.0}
+    assert {k: imported.meta.method_config[k] for k in params} == {**params, "alpha": 5.0}
 
     run_id = record_import(exported.path)
     assert store.get_run(run_id)["executor"] == "import"

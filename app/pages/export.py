@@ -16,7 +16,7 @@ from engine.export import (
     FORMATS,
     LAB_META_FILE,
     MANIFEST_FILE,
-    ExportError,
+    AdapterError,
     export_run,
     resolve_export_dir,
     run_trusts_remote_code,
@@ -58,7 +58,7 @@ def export_dir(fmt: str) -> Path:
 
 try:
     options = options_of(str(adapter_dir), store.list_artifacts(run_id, "adapter")[-1]["sha256"], trust_remote_code)
-except ExportError as err:
+except AdapterError as err:
     st.error(f"The adapter of this run cannot be read: {err}")
     st.stop()
 
@@ -70,7 +70,7 @@ def run_export(fmt: str, **kwargs) -> None:
                 adapter_dir, fmt, export_dir(fmt).name, root=config.exports_root(), summary=run["summary"],
                 overwrite=True, trust_remote_code=trust_remote_code, **kwargs,
             )  # fmt: skip
-        except ExportError as err:
+        except AdapterError as err:
             st.error(f"{fmt}: {err}")
             return
     st.success(f"{fmt}: {len(result.files)} files written to {result.path}")
@@ -124,7 +124,7 @@ exports = {}
 for fmt in FORMATS:
     try:
         directory = export_dir(fmt)
-    except ExportError as err:  # e.g. a symlink planted under the export root
+    except AdapterError as err:  # e.g. a symlink planted under the export root
         st.warning(f"{fmt}: {err}")
         continue
     if (directory / MANIFEST_FILE).is_file():

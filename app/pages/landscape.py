@@ -11,7 +11,7 @@ from app import charts
 from app.analysis_common import stored_landscapes, trained_runs
 from app.common import selected_run_id
 from app.summary import short_label
-from engine.export import ExportError
+from engine.artifacts import AdapterError
 from jobs.analysis import LANDSCAPE_GRID_DEFAULTS, AnalysisError, LandscapeParams, compute_analysis, parse_params
 
 FINAL_JOB_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -79,7 +79,7 @@ if on_ray:
         jobs[run_id] = submit_analysis(run_id, "landscape", params, force=force)
         failures.pop(run_id, None)
         st.rerun()  # redraw with the button disabled and the progress bar showing
-    except (AnalysisError, ExportError) as err:
+    except (AnalysisError, AdapterError) as err:
         st.error(str(err))
     except Exception as err:  # noqa: BLE001 - Ray unreachable or refusing: say so, the page stays usable
         st.error(f"Could not submit to Ray ({err}). Start the app with ./run_app.sh, or use Compute here.")
@@ -87,7 +87,7 @@ if here:
     bar = st.progress(0.0, text="computing")
     try:
         compute_analysis(run_id, "landscape", params, progress=lambda f: bar.progress(f, text=f"{f:.0%}"), force=force)
-    except (AnalysisError, ExportError) as err:
+    except (AnalysisError, AdapterError) as err:
         st.error(str(err))
     bar.empty()
 

@@ -11,7 +11,7 @@ from app.analysis_common import pick_runs, short_layer_names, stored_spectra, tr
 from app.common import config_form
 from app.summary import short_label
 from engine.analysis.spectra import SCALAR_COLUMNS
-from engine.export import ExportError
+from engine.artifacts import AdapterError
 from jobs.analysis import AnalysisError, SpectraParams, compute_analysis
 
 st.title("📈 Spectra of ΔW")
@@ -36,7 +36,7 @@ if st.button(label, type="primary" if missing else "secondary", key="spectra_com
         with st.spinner(f"Spectra of {short_label(by_id[run_id])}"):
             try:
                 compute_analysis(run_id, "spectra", params, force=force)
-            except (AnalysisError, ExportError) as err:
+            except (AnalysisError, AdapterError) as err:
                 st.error(f"{short_label(by_id[run_id])}: {err}")
     stored = {run_id: stored_spectra(run_id) for run_id in selected}
 

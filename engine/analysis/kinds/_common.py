@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from engine.artifacts import AdaptedModel
 
-def load_trained(adapter_dir: Path, trust_remote_code: bool):
+
+def load_trained(adapter_dir: Path, trust_remote_code: bool) -> AdaptedModel:
     """(meta, model, method): the trained adapter applied to its freshly loaded base model.
 
     ``trust_remote_code`` comes from the run's spec in the database (``run_trusts_remote_code``), not the files.
     """
-    from engine.export import apply_adapter, fresh_model, import_adapter
+    from engine.artifacts import load_adapted_model
 
-    imported = import_adapter(adapter_dir, trust_remote_code=trust_remote_code)
-    base = fresh_model(imported.meta, trust_remote_code=trust_remote_code)
-    model, method = apply_adapter(imported.meta, imported.tensors, base)
-    return imported.meta, model, method
+    return load_adapted_model(adapter_dir, trust_remote_code=trust_remote_code)
 
 
 def finite(value: Any) -> float | None:

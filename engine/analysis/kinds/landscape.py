@@ -76,8 +76,8 @@ class Landscape(Analysis):
         self, inputs: AnalysisInputs, params: LandscapeParams, record: dict, json_path: Path, progress: Progress
     ) -> None:
         from engine.analysis import landscape as ls
+        from engine.artifacts import check_adapter_fits, read_adapter
         from engine.data import iterate_batches
-        from engine.export import check_adapter_fits, import_adapter
         from engine.spec import parse_spec
         from engine.train import classification_loss, prepare
 
@@ -85,10 +85,10 @@ class Landscape(Analysis):
         prep = prepare(spec)  # the method's fresh initialisation at the run's seed, as training started from
         model, method = prep.model, prep.method
         init = ls.trainable_parameters(model)
-        imported = import_adapter(inputs.adapter_dir)
-        method.load_state(model, imported.meta.get("method_state") or {})
-        check_adapter_fits(imported.meta, model, method, imported.tensors)
-        method.load_adapter_state_dict(model, {k: v.to(prep.device) for k, v in imported.tensors.items()})
+        meta, tensors = read_adapter(inputs.adapter_dir)
+        method.load_state(model, meta.method_state)
+        check_adapter_fits(meta, model, method, tensors)
+        method.load_adapter_state_dict(model, {k: v.to(prep.device) for k, v in tensors.items()})
         model.eval()
         # The batches engine.train.evaluate uses, so the centre point reproduces the run's eval loss.
         batches = list(iterate_batches(prep.data.eval, spec.train.batch_size * 2, shuffle=False))

@@ -39,7 +39,7 @@ class Spectra(Analysis):
         self, inputs: AnalysisInputs, params: SpectraParams, record: dict, json_path: Path, progress: Progress
     ) -> None:
         from engine.analysis.spectra import adapter_spectra, save_spectra, update_spectra
-        from engine.export import fresh_model, run_trusts_remote_code
+        from engine.artifacts import build_model, run_trusts_remote_code
         from engine.methods import Method
 
         trust = run_trusts_remote_code(inputs.run)
@@ -49,7 +49,7 @@ class Spectra(Analysis):
         if Method.adapted_layers(model):
             spectra = adapter_spectra(model, use_factors=params.use_factors, **intruders)
         else:  # every weight trained (or none): ΔW = W_trained − W_pretrained
-            spectra = update_spectra(fresh_model(meta, trust_remote_code=trust), model, **intruders)
+            spectra = update_spectra(build_model(meta, trust_remote_code=trust), model, **intruders)
         spectra.settings["analysis"] = record
         save_spectra(spectra, json_path)
 
