@@ -32,6 +32,7 @@ from engine.export import (
     load_merged,
 )
 from engine.methods import Method, build_method, get_method, method_names
+from engine.methods.base import low_rank_factors_of
 from engine.models import load_model
 from engine.spec import parse_spec
 from engine.train import Prepared, prepare, save_adapter
@@ -156,7 +157,7 @@ def _exact_peft_methods() -> list[str]:
         method = build_method(name, get_method(name).test_params)
         method.apply(model)
         layers = list(method.adapted_layers(model).values())
-        if layers and (method.peft_variant is not None or all(hasattr(l, "low_rank_factors") for l in layers)):
+        if layers and (method.peft_variant is not None or all(low_rank_factors_of(l) is not None for l in layers)):
             names.append(name)
     return names
 
@@ -242,7 +243,9 @@ def _mergeable_without_factors() -> str | None:
         model = load_model("tiny-bert", 3)
         method.apply(model)
         layers = list(method.adapted_layers(model).values())
-        has_factors = get_method(name).peft_variant is not None or any(hasattr(l, "low_rank_factors") for l in layers)
+        has_factors = get_method(name).peft_variant is not None or any(
+            low_rank_factors_of(l) is not None for l in layers
+        )
         if method.mergeable and layers and not has_factors:
             return name
     return None

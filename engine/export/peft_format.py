@@ -1,10 +1,10 @@
 """The Hugging Face PEFT LoRA layout (``adapter_model.safetensors`` + ``adapter_config.json``).
 
 ``PeftModel.from_pretrained(base, DIR)`` gives the lab's logits. Which tensors are written is decided from the
-method contract alone (``delta_weight``, ``effective_base_weight``, optional ``low_rank_factors``), never from the
-method's name:
+method contract alone (``delta_weight``, ``effective_base_weight``, ``low_rank_factors_of`` and the method's
+``peft_lora_options``), never from the method's name:
 
-- a layer exposing ``low_rank_factors()`` (B with the scaling folded in, A) is written exactly;
+- a layer with low-rank factors (``engine.methods.base.low_rank_factors_of``: ``s · B A``) is written exactly;
 - if its frozen weight is not the pretrained one (PiSSA, CorDA keep a residual ``W_res = W0 − s B0 A0``), the
   residual difference ``W_res − W0`` is factored by SVD at its numerical rank and concatenated to the trained
   factors, ``[B, U_res] [A; V_res]``: PEFT's own PiSSA-to-LoRA conversion (``ΔW' = ΔW_trained − ΔW_init`` with
@@ -18,7 +18,7 @@ method's name:
 
 Every exact conversion is checked against the layer's dense weight ``W_eff + ΔW`` before anything is written.
 A variant PEFT computes differently from plain LoRA says how through its ``Method.peft_variant`` (the flags it
-needs, e.g. ``use_dora``, and the attributes holding its factors when its layers have no ``low_rank_factors()``);
+needs, e.g. ``use_dora``, and the attributes holding its factors when its layers have no low-rank factors);
 nothing here is keyed by method name.
 """
 
@@ -37,7 +37,7 @@ from torch import nn
 
 from engine.artifacts import AdapterMeta, ExportError
 from engine.methods import Method
-from engine.methods.base import AdaptedLinear, PeftVariant
+from engine.methods.base import AdaptedLinear, PeftVariant, RankChoiceError, low_rank_factors_of
 from engine.models import TaskModel
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -102,14 +102,15 @@ def _svd_factors(matrix: torch.Tensor, rank: int | None, reference: torch.Tensor
 
 
 def lora_scaling_convention(method: Method, svd_rank: int | None) -> tuple[float | None, bool]:
-    """(alpha, use_rslora) of the PEFT scaling to keep: the config's ``alpha``/``use_rslora`` when it has them.
+    """(alpha, use_rslora) of the PEFT scaling to keep: the method's own PEFT LoRA options when it has them.
 
-    ``alpha = None`` means scaling 1 (``lora_alpha = r``), used for SVD conversions and configs without alpha.
+    ``alpha = None`` means scaling 1 (``lora_alpha = r``), used for SVD conversions and methods without a PEFT
+    LoRA form.
     """
-    if svd_rank is not None:
+    options = method.peft_lora_options()
+    if svd_rank is not None or options is None:
         return None, False
-    alpha = getattr(method.config, "alpha", None)
-    return alpha, alpha is not None and bool(getattr(method.config, "use_rslora", False))
+    return options.lora_alpha, options.use_rslora
 
 
 def _scaling(alpha: float | None, rslora: bool, rank: int) -> float:
@@ -121,22 +122,16 @@ def _layer_factors(
 ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """(B, A, s) in float64 with the layer's low-rank update ``s · B A``, or None if the layer exposes none.
 
-    From ``low_rank_factors()`` (scaled B, A; at ``factor_rank`` when the layer accepts a rank, as DyLoRA's does)
-    with the scaling divided back out, else from the attributes the method's ``peft_variant`` names.
+    From ``low_rank_factors_of`` (at ``factor_rank`` when the layer supports a rank choice, as DyLoRA's does) with
+    the PEFT convention's scaling ``s``, else from the attributes the method's ``peft_variant`` names.
     """
-    fn = getattr(layer, "low_rank_factors", None)
-    if fn is not None:
-        if factor_rank is None:
-            b_scaled, a = fn()
-        else:
-            try:
-                b_scaled, a = fn(rank=factor_rank)
-            except TypeError:
-                raise ExportError(
-                    f"{type(layer).__name__}.low_rank_factors() takes no rank: convert at a chosen rank with svd_rank"
-                ) from None
-        s = _scaling(alpha, rslora, a.shape[0])
-        return b_scaled.detach().double() / s, a.detach().double(), s
+    try:
+        factors = low_rank_factors_of(layer, factor_rank)
+    except RankChoiceError as err:  # its message names the layer and the fix (svd_rank)
+        raise ExportError(str(err)) from None
+    if factors is not None:
+        s = _scaling(alpha, rslora, factors.rank)
+        return factors.scaled_B.detach().double() / s, factors.A.detach().double(), s
     if variant is not None and variant.factor_A and variant.factor_B:
         a = getattr(layer, variant.factor_A).weight.detach().double()
         b = getattr(layer, variant.factor_B).weight.detach().double()
@@ -157,10 +152,10 @@ def lora_factors(
 
     ``svd_rank``: convert ``W_eff + ΔW − W0`` by truncated SVD at that rank (any mergeable method); otherwise
     the layers' low-rank factors are written exactly, plus the residual components, and checked against the
-    dense weight. ``factor_rank`` asks layers whose ``low_rank_factors`` take a rank (DyLoRA) for that rank: the
+    dense weight. ``factor_rank`` asks layers that support a rank choice (DyLoRA) for that rank: the
     update is then truncated by design and its difference from ``ΔW`` is reported, not refused.
 
-    The scaling kept is the method's (its config's ``alpha`` and ``use_rslora`` when it has them, 1 otherwise;
+    The scaling kept is the method's (``peft_lora_options()``: ``lora_alpha`` and ``use_rslora``, 1 without;
     1 for SVD conversions), with ``alpha`` grown with the rank as PEFT's PiSSA conversion does.
     ``variant.magnitude`` (DoRA) writes ``W' = m ⊙ (W0 + sBA)/‖W0 + sBA‖_row`` instead of ``W0 + sBA``.
     """
@@ -195,8 +190,8 @@ def lora_factors(
                 found = _layer_factors(layer, variant, factor_rank, alpha, rslora)
                 if found is None:
                     raise ExportError(
-                        f"layer {name} ({type(layer).__name__}) of method {method.name} exposes no "
-                        "low_rank_factors(): convert it by truncated SVD of ΔW with svd_rank=<rank>"
+                        f"layer {name} ({type(layer).__name__}) of method {method.name} has no "
+                        "low-rank factors: convert it by truncated SVD of ΔW with svd_rank=<rank>"
                     )
                 b, a, scaling = found
                 residual = w_eff - w0
@@ -327,11 +322,12 @@ def write_peft(
     paths = [f.name.removeprefix("net.") for f in factors]
     modules_to_save = [h.removeprefix("net.") for h in model.info.head_names]
     rank, alpha = _common([f.rank for f in factors]), _common([f.alpha for f in factors])
+    options = method.peft_lora_options()
     lora_config = LoraConfig(
         r=rank,
         lora_alpha=cast(int, _clean_number(alpha)),  # PEFT annotates int; it takes any number (α = s·r)
         target_modules=_peft_targets(base.net, paths, modules_to_save),
-        lora_dropout=float(getattr(method.config, "dropout", 0.0)) if svd_rank is None else 0.0,
+        lora_dropout=options.lora_dropout if options is not None and svd_rank is None else 0.0,
         use_rslora=lora_scaling_convention(method, svd_rank)[1],
         use_dora=use_dora,
         lora_bias=use_bias,
