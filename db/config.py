@@ -81,7 +81,7 @@ def hide_password(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - an unparseable URL: hide whatever sits between "user:" and "@"
-        return re.sub(r"(//[^/:@]*:)[^@]*@", r"\1***@", url)
+        return re.sub(r"^((?:[\w+.-]+://)?[^/:@]*:)[^/@]*@", r"\1***@", url)
 
 
 def db_location(url: str | None = None) -> str:
