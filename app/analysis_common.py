@@ -3,7 +3,6 @@ from the shape of the stored tables, and what an adapter can be exported as."""
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import zipfile
@@ -25,55 +24,6 @@ if TYPE_CHECKING:
     from engine.models import TaskModel
 
 # --- runs ------------------------------------------------------------------------------------------
-
-
-def short_label(run: dict | pd.Series) -> str:
-    """A compact legend entry: name (or method), seed and the end of the run id."""
-    return f"{run['name'] or run['method']} s{run['seed']} · {run['id'][-6:]}"
-
-
-def runs_frame(runs: list[dict]) -> pd.DataFrame:
-    """One row per run with the columns ``engine.analysis.compare`` works on (numbers as floats, NaN if absent)."""
-    rows = []
-    for r in runs:
-        summary = r.get("summary") or {}
-        final = summary.get("final_metrics") or {}
-        timings = summary.get("timings") or {}
-        rows.append(
-            {
-                "run_id": r["id"],
-                "label": short_label(r),
-                "name": r["name"] or r["method"],
-                "method": r["method"],
-                "model": r["model"],
-                "dataset": r["dataset"],
-                "experiment": r.get("experiment") or "",
-                "seed": r["seed"],
-                "tags": list(r.get("tags") or []),
-                "status": r["status"],
-                "eval_accuracy": final.get("eval_accuracy"),
-                "eval_loss": final.get("eval_loss"),
-                "trainable_params": r.get("trainable_params"),
-                "total_params": r.get("total_params"),
-                "ms_per_step": timings.get("ms_per_step"),
-                "peak_rss_mb": timings.get("peak_rss_mb"),
-                "steps": summary.get("steps"),
-                "spec": r.get("spec") or {},
-            }
-        )
-    frame = pd.DataFrame(rows, columns=RUN_COLUMNS)
-    for column in NUMERIC_RUN_COLUMNS:
-        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
-    return frame
-
-
-RUN_COLUMNS = [
-    "run_id", "label", "name", "method", "model", "dataset", "experiment", "seed", "tags", "status",
-    "eval_accuracy", "eval_loss", "trainable_params", "total_params", "ms_per_step", "peak_rss_mb", "steps", "spec",
-]  # fmt: skip
-NUMERIC_RUN_COLUMNS = [
-    "eval_accuracy", "eval_loss", "trainable_params", "total_params", "ms_per_step", "peak_rss_mb", "steps",
-]  # fmt: skip
 
 
 def trained_runs() -> list[dict]:
@@ -282,8 +232,8 @@ class ExportOptions:
     merged_reason: str | None
     peft_exact_reason: str | None
     peft_svd_reason: str | None
-    default_rank: int  # the rank offered for an SVD conversion (the config's rank when it has one)
-    factor_rank_max: int | None  # set when the layers' low_rank_factors take a rank (a truncation on export)
+    default_rank: int  # the rank offered for an SVD conversion (``Method.default_export_rank()``, else 8)
+    factor_rank_max: int | None  # set when every layer supports a rank choice: the largest rank they all give
 
     @property
     def peft_possible(self) -> bool:
@@ -295,19 +245,20 @@ def export_options(model: TaskModel, method: Method) -> ExportOptions:
 
     * merged: the instance says it is mergeable (``Method.mergeable``, which a config may switch off), or it adapts
       no layer (full fine-tuning, a linear probe: the trained model is saved as it is);
-    * PEFT LoRA needs a Hugging Face model and adapted layers; exact when every layer exposes
-      ``low_rank_factors()`` (or the export's variant table names its factors), by truncated SVD of ΔW when every
-      layer has a dense ``delta_weight()``.
+    * PEFT LoRA needs a Hugging Face model and adapted layers; exact when every layer is a ``LowRankLinear``
+      (or the method's ``peft_variant`` names its factors), by truncated SVD of ΔW when every layer has a dense
+      ``delta_weight()``; a chosen factor rank when every layer ``supports_rank_choice``.
     """
     import torch
+
+    from engine.methods.base import LowRankLinear
 
     layers = method.adapted_layers(model)
     mergeable = method.mergeable or not layers
     merged_reason = (
         None if mergeable else f"{method.name} is not mergeable: its update is not a fixed ΔW on the weights"
     )
-    rank = getattr(method.config, "rank", None)
-    default_rank = int(rank) if isinstance(rank, int) and rank > 0 else 8
+    default_rank = method.default_export_rank() or 8
     if not model.backend.supports_peft:
         reason = f"PEFT export needs a Hugging Face transformers model; {model.info.name} is a {model.kind} model"
         return ExportOptions(merged_reason, reason, reason, default_rank, None)
@@ -315,14 +266,15 @@ def export_options(model: TaskModel, method: Method) -> ExportOptions:
         reason = f"{method.name} has no adapted linear layers: there is no low-rank update to write"
         return ExportOptions(merged_reason, reason, reason, default_rank, None)
     variant = method.peft_variant
-    factor_fns = [getattr(layer, "low_rank_factors", None) for layer in layers.values()]
-    exact = all(callable(fn) for fn in factor_fns) or bool(variant and variant.factor_A and variant.factor_B)
+    factored = all(isinstance(layer, LowRankLinear) for layer in layers.values())
+    exact = factored or bool(variant and variant.factor_A and variant.factor_B)
     with torch.no_grad():
         dense = all(layer.delta_weight() is not None for layer in layers.values())
     svd_reason = None if dense else f"the layers of {method.name} have no dense ΔW (not linear in their input)"
     exact_reason = svd_reason or (None if exact else f"the layers of {method.name} expose no low-rank factors")
-    takes_rank = exact and all(callable(fn) and "rank" in inspect.signature(fn).parameters for fn in factor_fns)
-    return ExportOptions(merged_reason, exact_reason, svd_reason, default_rank, default_rank if takes_rank else None)
+    choice = [l.rank for l in layers.values() if isinstance(l, LowRankLinear) and l.supports_rank_choice]
+    factor_rank_max = min(choice) if len(choice) == len(layers) else None
+    return ExportOptions(merged_reason, exact_reason, svd_reason, default_rank, factor_rank_max)
 
 
 def adapter_export_options(adapter_dir: str | Path, trust_remote_code: bool = False) -> ExportOptions:

@@ -1,10 +1,11 @@
 """The command line, on the same RunSpec as the dashboard.
 
-python -m app.cli run SPEC.yaml [--json]     train in this process (no Ray)
-python -m app.cli submit SPEC.yaml [--seeds 0 1 2]   submit to Ray (local head or RAY_ADDRESS)
+python -m app.cli run [--config] SPEC.yaml [--train.lr 3e-4 ...] [--json]   train in this process (no Ray)
+python -m app.cli submit [--config] SPEC.yaml [--method.rank 8 ...] [--seeds 0 1 2]   submit to Ray
+    (the flags of run and submit are RunSpec's fields, generated in app/spec_args.py: run --help lists them)
 python -m app.cli ls | show ID | cancel ID | resume ID | logs ID | methods | models | datasets
-python -m app.cli analyze ID --kind spectra|importance|landscape|... [--json]   compute or reuse a stored analysis
-python -m app.cli export ID --format native|peft|merged --out DIR [--json]  write an adapter or merged model
+python -m app.cli analyze ID --kind KIND [--json]   compute or reuse a stored analysis (kinds: analyze --help)
+python -m app.cli export ID --format FORMAT --out DIR [--json]  write an adapter or merged model (export --help)
 python -m app.cli import DIR [--name NAME]                                  record an exported adapter as a run
 python -m app.cli study STUDY.yaml [--wait] [--json] | study ls | study show ID | study cancel ID   (app/cli_study.py)
 """
@@ -17,10 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from app.spec_args import SPEC_COMMANDS, spec_from_args
 from db import config, store
 from db.schema import RESUMABLE_STATUSES
 from engine.errors import UserError
-from engine.spec import load_spec
 
 
 def _print_json(obj: Any) -> None:
@@ -43,7 +44,7 @@ def _run_result(run: dict) -> dict:
 
 
 def cmd_run(args) -> int:
-    spec = load_spec(args.spec)
+    spec = args.spec
     from engine.preflight import check
     from jobs.worker import execute
 
@@ -61,7 +62,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    spec = load_spec(args.spec)
+    spec = args.spec
     from jobs.preflight import preflight
     from jobs.runs import submit_seeds
 
@@ -138,43 +139,14 @@ def cmd_logs(args) -> int:
     return 0
 
 
-def summary_table(runs: list[dict]) -> list[dict]:
-    """One row per (model, dataset, run name): mean ± std over its succeeded runs (seeds) of the final validation
-    accuracy, with trainable parameters, ms/step and peak memory."""
-    from app.analysis_common import runs_frame
-    from engine.analysis.compare import method_summary
-
-    frame = runs_frame([r for r in runs if r["status"] == "succeeded"])
-    if frame.empty:
-        return []
-    frame["group"] = frame["model"] + " · " + frame["dataset"] + " · " + frame["name"]
-    stats = method_summary(frame, group="group")
-    first = frame.drop_duplicates("group").set_index("group")
-    rows = []
-    for _, row in stats.iterrows():
-        meta = first.loc[row["group"]]
-        rows.append({
-            "model": meta["model"], "dataset": meta["dataset"], "name": meta["name"], "method": meta["method"],
-            "runs": int(row["eval_accuracy_count"]),
-            "accuracy": row["eval_accuracy_mean"], "accuracy_std": row["eval_accuracy_std"],
-            "trainable_params": int(row["trainable_params_mean"]),
-            "ms_per_step": row["ms_per_step_mean"], "peak_rss_mb": row["peak_rss_mb_mean"],
-        })  # fmt: skip
-    return rows
-
-
 def cmd_summary(args) -> int:
+    from app.summary import summary_markdown, summary_table
+
     rows = summary_table(store.list_runs(experiment=args.experiment, limit=None))
     if args.json:
         _print_json(rows)
         return 0
-    header = "| model | dataset | run | seeds | validation accuracy | trainable params | ms/step | peak RSS (MiB) |"
-    print(header)
-    print("|" + "---|" * header.count(" | ") + "---|")
-    for r in rows:
-        spread = f" ± {r['accuracy_std']:.3f}" if r["runs"] > 1 else ""
-        print(f"| {r['model']} | {r['dataset']} | {r['name']} | {r['runs']} | {r['accuracy']:.3f}{spread} | "
-              f"{r['trainable_params']:,} | {r['ms_per_step']:.0f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
+    print("\n".join(summary_markdown(rows)))
     return 0
 
 
@@ -320,15 +292,9 @@ def cmd_import(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app.cli", description="PEFT Lab command line")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="train a RunSpec in this process (no Ray)")
-    p.add_argument("spec")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--json", action="store_true", help="print one JSON object per run on the last line")
-    p.set_defaults(func=cmd_run)
-    p = sub.add_parser("submit", help="submit a RunSpec to Ray (one run per seed)")
-    p.add_argument("spec")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.set_defaults(func=cmd_submit)
+    for name, helptext in SPEC_COMMANDS.items():  # listed here; main() parses them with app/spec_args.py
+        p = sub.add_parser(name, help=f"{helptext}; flags: python -m app.cli {name} --help", add_help=False)
+        p.add_argument("arguments", nargs=argparse.REMAINDER, help="[--config] SPEC and --FIELD VALUE overrides")
     p = sub.add_parser("ls", help="list runs")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
@@ -365,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
     p = sub.add_parser("export", help="export a run's adapter (native, PEFT LoRA) or the merged model")
     p.add_argument("run_id")
-    p.add_argument("--format", required=True, choices=["native", "peft", "merged"])
+    from engine.export import FORMATS
+
+    p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output directory inside PEFTLAB_EXPORTS, else the current directory")
     p.add_argument("--rank", type=int, help="peft: rank of layers whose factors take one (DyLoRA)")
     p.add_argument("--svd-rank", type=int, help="peft: convert any mergeable method by truncated SVD at this rank")
@@ -387,9 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SPEC_FUNCS = {"run": cmd_run, "submit": cmd_submit}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in SPEC_COMMANDS:  # the RunSpec flags: generated from the spec's fields
+            spec, options = spec_from_args(argv[0], argv[1:])
+            return SPEC_FUNCS[argv[0]](argparse.Namespace(spec=spec, **vars(options)))
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as err:  # bad input or an unusable environment: one line, no traceback
         return _fail(" ".join(str(err).splitlines()))

@@ -8,6 +8,9 @@ Run on demand, never by the test suite. Benchmarks (``--only`` takes these names
 * ``analysis``: ΔW spectra via factors / via SVD (≤ 0.1), 21×21 landscape batched / loop (≤ 0.5), by running
   ``bench/bench_analysis.py`` and reading its report;
 * ``ray``: submit → first training step on a warm local Ray head (≤ 5 s);
+* ``study``: a 6-trial study / the same 6 runs submitted separately (≤ 0.6), trial start → first step on a reused
+  trial actor (≤ 1.5 s), and (not with ``--quick``) a 12-trial MiniLM study with ASHA / with FIFO (≤ 0.5, the best
+  accuracy within 0.01), see ``bench/bench_study.py``;
 * ``ui``: metric ingestion into SQLite (≥ 50k points/s) and the Runs page render with 1,000 runs × 1,000
   points (≤ 1 s).
 
@@ -111,6 +114,12 @@ def run_ray(s: Settings) -> list[Figure]:
     return bench_ray(reps=s.count(2, 5))
 
 
+def run_study(s: Settings) -> list[Figure]:
+    from bench.bench_study import bench_study
+
+    return bench_study(reps=s.count(1, 2), quick=s.quick)
+
+
 def run_ui(s: Settings) -> list[Figure]:
     from bench.bench_infra import bench_ui
 
@@ -123,6 +132,7 @@ BENCHMARKS: dict[str, Callable[[Settings], list[Figure]]] = {
     "merged": run_merged,
     "analysis": run_analysis,
     "ray": run_ray,
+    "study": run_study,
     "ui": run_ui,
 }
 

@@ -1,18 +1,26 @@
 """RunSpec: the one description of an experiment run.
 
-The same object is the Launch form in the UI, the YAML a user saves, the CLI's
-input and the ``spec_json`` column of a run in the database.
+The same object is the Launch form in the UI, the YAML a user saves, the CLI's input and the ``spec_json`` column of
+a run in the database. Each field carries its title (the form's label), a description (the form's help and the CLI's
+``--help``), its section of the form and whether it is advanced; ``spec_fields()`` lists them, so the CLI flags
+(app/spec_args.py) and the Launch form (app/spec_form.py) are generated from this file and cannot drift from it.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.errors import UserError
+
+SECTIONS = ("model", "data", "method", "training", "resources")
+Schedule = Literal["linear", "cosine", "constant"]
+Device = Literal["auto", "cpu", "cuda"]
 
 
 class SpecError(UserError):
@@ -28,22 +36,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _meta(section: str | None = None, advanced: bool = False) -> dict[str, Any]:
+    """The form's layout of a field, kept in its JSON schema: its section (None: the section of its sub-spec) and
+    whether it sits in the section's "more options" expander."""
+    return {"section": section, "advanced": advanced}
+
+
 class DatasetSpec(_Strict):
-    name: str = Field("tweets-sentiment", description="bundled name (tweets-sentiment, digits) or a .csv/.jsonl path")
-    max_train: int | None = Field(2000, ge=1, description="cap on training examples (None: all)")
-    max_eval: int | None = Field(500, ge=1, description="cap on evaluation examples (None: all)")
-    max_length: int = Field(64, ge=4, le=4096, description="token length for text models")
-    eval_fraction: float = Field(0.1, gt=0.0, lt=0.9, description="share of the data held out for evaluation")
-    split_seed: int = Field(0, description="seed of the train/eval split (kept fixed across training seeds)")
-    text_column: str = "text"
-    label_column: str = "label"
+    """The data: which dataset, how much of it, and how it is split (the form's "data" section)."""
+
+    name: str = Field("tweets-sentiment", title="Dataset",
+                      description="bundled name (tweets-sentiment, digits) or a .csv/.jsonl path")  # fmt: skip
+    max_train: int | None = Field(2000, ge=1, title="max train examples",
+                                  description="cap on training examples (None, or 0 in the form: all)")  # fmt: skip
+    max_eval: int | None = Field(500, ge=1, title="max eval examples",
+                                 description="cap on evaluation examples (None, or 0 in the form: all)")  # fmt: skip
+    max_length: int = Field(64, ge=4, le=4096, title="max sequence length", description="token length for text models")
+    eval_fraction: float = Field(0.1, gt=0.0, lt=0.9, title="eval fraction", json_schema_extra=_meta(advanced=True),
+                                 description="share of the data held out for evaluation")  # fmt: skip
+    split_seed: int = Field(0, title="split seed", json_schema_extra=_meta(advanced=True),
+                            description="seed of the train/eval split (kept fixed across training seeds)")  # fmt: skip
+    text_column: str = Field("text", title="text column", json_schema_extra=_meta(advanced=True),
+                             description="column of a .csv/.jsonl file that holds the text")  # fmt: skip
+    label_column: str = Field("label", title="label column", json_schema_extra=_meta(advanced=True),
+                              description="column of a .csv/.jsonl file that holds the label: integer class ids or "
+                              "class names")  # fmt: skip
 
 
 class MethodSpec(BaseModel):
     """``name`` plus the method's own parameters, validated by the method's config class."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "lora"
+    name: str = Field(
+        "lora", title="PEFT methods",
+        description="a registered method (python -m app.cli methods); its parameters are method.<key>",
+    )  # fmt: skip
 
     @property
     def params(self) -> dict[str, Any]:
@@ -51,46 +78,86 @@ class MethodSpec(BaseModel):
 
 
 class TrainSpec(_Strict):
-    epochs: int = Field(1, ge=1, le=1000)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
-    batch_size: int = Field(16, ge=1, le=4096)
-    lr: float = Field(5e-4, gt=0.0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW's decoupled weight decay (0 to 1)")
-    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
-    schedule: str = Field("linear", pattern="^(linear|cosine|constant)$")
-    grad_clip: float | None = Field(1.0, gt=0.0, le=1e4, description="clip the gradient norm (None: no clipping)")
-    seed: int = 0
-    log_every: int = Field(10, ge=1, description="report the training loss every N steps")
-    evals_per_epoch: int = Field(1, ge=1, le=100)
-    device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: leave torch's default)")
+    """The optimisation: length, batch, learning rate and its schedule, evaluation and checkpoints."""
+
+    epochs: int = Field(1, ge=1, le=1000, title="epochs", description="passes over the training data")
+    max_steps: int | None = Field(None, ge=1, title="max steps (0: by epochs)",
+                                  description="stop after this many optimizer steps (overrides epochs)")  # fmt: skip
+    batch_size: int = Field(16, ge=1, le=4096, title="batch size", description="examples per optimizer step")
+    lr: float = Field(5e-4, gt=0.0, le=1.0, title="learning rate", description="AdamW's peak learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, title="weight decay", json_schema_extra=_meta(advanced=True),
+                                description="AdamW's decoupled weight decay (0 to 1)")  # fmt: skip
+    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, title="warm-up ratio", json_schema_extra=_meta(advanced=True),
+                                description="share of the steps with a rising learning rate")  # fmt: skip
+    schedule: Schedule = Field(
+        "linear", title="schedule", json_schema_extra=_meta(advanced=True),
+        description="the learning rate after warm-up: linear or cosine decay, or constant",
+    )  # fmt: skip
+    grad_clip: float | None = Field(1.0, gt=0.0, le=1e4, title="gradient clipping (0: off)",
+                                    json_schema_extra=_meta(advanced=True),
+                                    description="clip the gradient norm at this value (None: no clipping)")  # fmt: skip
+    seed: int = Field(0, title="seeds", description="seed of the initialisation and the batches (the form and "
+                      "--seeds take several: one run per seed)")  # fmt: skip
+    log_every: int = Field(10, ge=1, title="log every (steps)", json_schema_extra=_meta(advanced=True),
+                           description="report the training loss every N steps")  # fmt: skip
+    evals_per_epoch: int = Field(1, ge=1, le=100, title="evaluations per epoch", json_schema_extra=_meta(advanced=True),
+                                 description="evaluate on the held-out split this many times per epoch")  # fmt: skip
+    device: Device = Field("auto", title="device", json_schema_extra=_meta(advanced=True),
+                           description="auto: a GPU when the run has one, else the CPU")  # fmt: skip
+    num_threads: int | None = Field(None, ge=1, title="CPU threads (0: torch's default)",
+                                    json_schema_extra=_meta(advanced=True),
+                                    description="torch CPU threads (None: leave torch's default)")  # fmt: skip
     checkpoint_every_steps: int | None = Field(
-        None, ge=1, description="also checkpoint every N optimizer steps (None: by time and at epoch ends only)"
+        None,
+        ge=1,
+        title="checkpoint every N steps (0: off)",
+        json_schema_extra=_meta(advanced=True),
+        description="also checkpoint every N optimizer steps (None: by time and at epoch ends only)",
     )
     checkpoint_every_s: float = Field(
-        60.0, ge=1.0, le=86400.0, description="checkpoint at least every this many seconds, and at epoch ends"
+        60.0,
+        ge=1.0,
+        le=86400.0,
+        title="checkpoint every N seconds",
+        json_schema_extra=_meta(advanced=True),
+        description="checkpoint at least every this many seconds, and at epoch ends",
     )
 
 
 class ResourcesSpec(_Strict):
-    num_cpus: float = Field(1.0, ge=0.0, le=1024.0)
-    num_gpus: float = Field(0.0, ge=0.0, le=64.0)
+    """What one run asks of the cluster (Ray), and how often it is retried when its worker dies."""
+
+    num_cpus: float = Field(1.0, ge=0.0, le=1024.0, title="CPUs per run", description="CPUs Ray reserves for a run")
+    num_gpus: float = Field(0.0, ge=0.0, le=64.0, title="GPUs per run", description="GPUs Ray reserves for a run")
     max_retries: int = Field(
-        1, ge=0, le=10, description="resubmit a run whose worker or node died this many times (own errors: never)"
+        1,
+        ge=0,
+        le=10,
+        title="retries",
+        json_schema_extra=_meta(advanced=True),
+        description="resubmit a run whose worker or node died this many times (own errors: never)",
     )
 
 
 class RunSpec(_Strict):
-    name: str | None = None
-    experiment: str = "default"
-    tags: list[str] = Field(default_factory=list)
-    model: str = Field("minilm-l6", description="bundled alias, hub id, local directory or timm/<name>")
-    model_options: dict[str, Any] = Field(default_factory=dict, description="extra model options, e.g. pretrained")
-    trust_remote_code: bool = False
-    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
-    method: MethodSpec = Field(default_factory=MethodSpec)
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    name: str | None = Field(None, title="run name", json_schema_extra=_meta("training", advanced=True),
+                             description="the run's name in tables (empty: the method's name)")  # fmt: skip
+    experiment: str = Field("default", title="experiment", json_schema_extra=_meta("training"),
+                            description="a group of runs compared together")  # fmt: skip
+    tags: list[str] = Field(default_factory=list, title="tags (comma separated)",
+                            json_schema_extra=_meta("training", advanced=True),
+                            description="free labels to filter runs by")  # fmt: skip
+    model: str = Field("minilm-l6", title="Model", json_schema_extra=_meta("model"),
+                       description="bundled alias, hub id, local directory or timm/<name>")  # fmt: skip
+    model_options: dict[str, Any] = Field(default_factory=dict, title="model options (YAML mapping)",
+                                          json_schema_extra=_meta("model", advanced=True),
+                                          description="extra model options, e.g. {pretrained: false}")  # fmt: skip
+    trust_remote_code: bool = Field(False, title="trust_remote_code", json_schema_extra=_meta("model", advanced=True),
+                                    description="run code shipped with a hub model (off by default)")  # fmt: skip
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec, json_schema_extra=_meta("data"))
+    method: MethodSpec = Field(default_factory=MethodSpec, json_schema_extra=_meta("method"))
+    train: TrainSpec = Field(default_factory=TrainSpec, json_schema_extra=_meta("training"))
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, json_schema_extra=_meta("resources"))
 
     @field_validator("model")
     @classmethod
@@ -158,21 +225,90 @@ def parse_spec(data: dict[str, Any] | RunSpec) -> RunSpec:
         raise SpecError(_format_validation_error(err)) from None
 
 
-def load_spec(path: str | Path) -> RunSpec:
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a RunSpec file (YAML, or JSON for ``.json``) holds, not yet validated, so that the command line
+    can lay its flags over it first. Every error is one line that names the file and the fix."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file {path} does not exist: pass the path of a RunSpec YAML (see recipes/)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise SpecError(f"spec file {path} is not UTF-8 text: save it as UTF-8") from None
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text) if text.strip() else None
+        except json.JSONDecodeError as err:
+            raise SpecError(f"{path} is not valid JSON: {err}") from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise SpecError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if data is None:
         raise SpecError(f"spec file {path} is empty: write a RunSpec mapping (model, dataset, method; see recipes/)")
     if not isinstance(data, dict):
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
         raise SpecError(
-            f"spec file {path} holds a YAML {type(data).__name__} at the top level: write a RunSpec mapping "
+            f"spec file {path} holds a {kind} {type(data).__name__} at the top level: write a RunSpec mapping "
             "(model: ..., dataset: ..., method: ...; see recipes/)"
         )
-    return parse_spec(data)
+    return data
+
+
+def load_spec(path: str | Path) -> RunSpec:
+    """A RunSpec file, validated."""
+    return parse_spec(read_spec_file(path))
+
+
+# --- the fields, for the generated command line and form ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpecField:
+    """One leaf field of a RunSpec: ``path`` is dotted (``train.lr``); ``annotation`` its type as declared."""
+
+    path: str
+    annotation: Any
+    default: Any
+    title: str
+    description: str
+    section: str
+    advanced: bool
+
+
+def _leaves(model: type[BaseModel], prefix: str, section: str | None) -> list[SpecField]:
+    fields: list[SpecField] = []
+    for name, info in model.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        own_section = str(extra.get("section") or section)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields += _leaves(annotation, f"{prefix}{name}.", own_section)
+            continue
+        fields.append(
+            SpecField(
+                path=prefix + name,
+                annotation=annotation,
+                default=info.get_default(call_default_factory=True),
+                title=info.title or name.replace("_", " "),
+                description=info.description or "",
+                section=own_section,
+                advanced=bool(extra.get("advanced")),
+            )  # fmt: skip
+        )
+    return fields
+
+
+def spec_fields() -> list[SpecField]:
+    """Every leaf field of a RunSpec in declaration order (``method.name`` is the method's one declared field; its
+    parameters belong to the method's config class)."""
+    return _leaves(RunSpec, "", None)
+
+
+def field_default(path: str) -> Any:
+    """RunSpec's default of the field at a dotted path (``train.lr`` -> 5e-4)."""
+    for field in spec_fields():
+        if field.path == path:
+            return field.default
+    raise KeyError(f"{path} is not a RunSpec field")

@@ -42,11 +42,16 @@ def record_trial(study_id: str, study: StudySpec, index: int, params: dict[str, 
     return run_id
 
 
+# How long a reused trial actor waits for the previous trial to wind down (seconds, as Tune reads it).
+TRIAL_THREAD_TIMEOUT_S = "300"
+
+
 def _study_env() -> dict[str, Any]:
-    """The runs' environment, plus: a reused trial actor waits up to 30 s (Tune's default: 2 s) for the previous
-    trial's thread to record its end, rather than giving up the actor (and failing the next trial)."""
+    """The runs' environment, plus: a reused trial actor waits up to ``TRIAL_THREAD_TIMEOUT_S`` (Tune's default:
+    2 s) for the previous trial's thread to record its end (a stopped trial still writes its status and log), rather
+    than giving up the actor and failing the next trial."""
     env = runtime_env()
-    env["env_vars"]["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = "30"
+    env["env_vars"]["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = TRIAL_THREAD_TIMEOUT_S
     return env
 
 

@@ -36,6 +36,7 @@ def run_trial(config_: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
+    started = time.time()  # the trial's start-up (``startup_s``) counts from here
     study_id = config_["study_id"]
     study = StudySpec.model_validate(db_studies.get_study(study_id)["spec"])  # type: ignore[index]
     if "run_id" in config_:
@@ -57,14 +58,15 @@ def run_trial(config_: dict[str, Any]) -> None:
         if attempt is None:
             return
     asha = study.asha
-    evals = 0
+    evals, stopped_by_tune = 0, False
 
     def on_eval(step: int, metrics: dict[str, float]) -> None:
-        nonlocal evals
+        nonlocal evals, stopped_by_tune
         evals += 1
         try:
             tune.report({"evals": evals, "step": step, **metrics})
         except SystemExit:  # Tune ends a stopped trial's thread this way
+            stopped_by_tune = True
             metric = asha.metric if asha and asha.metric else study.metric
             shown = f"{metric} {metrics[metric]:.4f}" if metric in metrics else "no metric"
             raise StoppedEarly(
@@ -74,7 +76,12 @@ def run_trial(config_: dict[str, Any]) -> None:
 
     threads = parse_spec(run["spec"]).resources.num_cpus
     os.environ["OMP_NUM_THREADS"] = str(max(1, int(threads)))
-    execute(run_id, attempt=attempt, echo=False, on_eval=on_eval, node_id=ray.get_runtime_context().get_node_id())
+    node_id = ray.get_runtime_context().get_node_id()
+    execute(run_id, attempt=attempt, echo=False, on_eval=on_eval, node_id=node_id, started=started)
+    if stopped_by_tune:
+        # End the thread as Tune asked. Returning instead would make Tune's wrapper report once more and wait for a
+        # reply that never comes to a stopped trial: the thread would hang, and its actor could not be reused.
+        raise SystemExit(0)
 
 
 class _CancelStopper(Stopper):
@@ -167,13 +174,22 @@ def run_study(study_id: str) -> str:
         return row["status"]  # cancelled before it started, or a second driver
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # a cancelled trial reports no metric
     try:
-        build_tuner(study_id, study).fit()
+        results = build_tuner(study_id, study).fit()
     except Exception as err:  # noqa: BLE001 - the study says why, then the job fails
         fail_study(study_id, f"the search failed: {type(err).__name__}: {err}")
         raise
-    for run in db_studies.trial_runs(study_id):  # trials the search never started (it was stopped first)
-        if run["status"] == "queued":
+    errors = {r.config.get("run_id"): r.error for r in results if r.error is not None and r.config}
+    for run in db_studies.trial_runs(study_id):  # trials the search ended without finishing
+        if run["status"] not in ("queued", "running"):
+            continue
+        error = errors.get(run["id"])
+        if error is not None:  # Tune gave up on it (retries spent, or its actor could not be reused)
+            reason = f"its Tune trial failed: {type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+            store.finish_run(run["id"], "failed", error=reason)
+        elif run["status"] == "queued":
             store.finish_run(run["id"], "cancelled", error="the study's search ended before this trial started")
+        else:
+            store.finish_run(run["id"], "failed", error="the study's search ended while this trial was running")
     db_studies.set_study_status(study_id, "succeeded", only_from=("running",))
     return (db_studies.get_study(study_id) or {}).get("status", "unknown")
 

@@ -21,6 +21,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from db import config, store
 from db.schema import HEARTBEAT_S
 from engine.analysis.importance import default_hooks
@@ -135,8 +137,15 @@ class DBReporter:
     """Writes each batch of metrics to the database as it is logged (nothing is lost on a kill), only while its
     attempt owns the run; progress goes with the heartbeat; stopping is the watchdog's decision."""
 
-    def __init__(self, run_id: str, attempt: int, log_path: Path, echo: bool = True, on_eval: OnEval | None = None):
+    def __init__(
+        self, run_id: str, attempt: int, log_path: Path, echo: bool = True, on_eval: OnEval | None = None,
+        started: float | None = None,
+    ):  # fmt: skip
         self.run_id, self.attempt = run_id, attempt
+        # When the attempt started (epoch seconds: a worker process's start, a trial's call): its start-up time is
+        # measured from here to the first training step, and kept in the run's summary as ``startup_s``.
+        self.started = started if started is not None else time.time()
+        self.startup_s: float | None = None
         self._log = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.echo = echo
         self.on_eval = on_eval
@@ -144,6 +153,9 @@ class DBReporter:
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         store.log_metrics(self.run_id, [(step, k, float(v)) for k, v in metrics.items()], attempt=self.attempt)
+        if self.startup_s is None and "train_loss" in metrics:
+            self.startup_s = round(time.time() - self.started, 3)
+            self.log(f"first training step {self.startup_s:.2f} s after the attempt started")
         if self.on_eval is not None and any(k.startswith("eval_") for k in metrics):
             self.on_eval(step, metrics)
 
@@ -193,14 +205,19 @@ def _row(run_id: str) -> dict:
     return run
 
 
+def _startup(reporter: DBReporter) -> dict[str, float]:
+    return {} if reporter.startup_s is None else {"startup_s": reporter.startup_s}
+
+
 def execute(
     run_id: str, *, attempt: int | None = None, echo: bool = True, parent_pid: int | None = None,
-    on_eval: OnEval | None = None, node_id: str | None = None,
+    on_eval: OnEval | None = None, node_id: str | None = None, started: float | None = None,
 ) -> dict:  # fmt: skip
     """Run one attempt of a run recorded in the database (its current attempt by default); returns the run row.
 
     ``on_eval`` is called after each evaluation is stored (a study's trial reports it to its scheduler, which may
-    raise ``StoppedEarly``); ``node_id`` is the Ray node recorded with the attempt."""
+    raise ``StoppedEarly``); ``node_id`` is the Ray node recorded with the attempt; ``started`` (epoch seconds,
+    default now) is when the attempt began, for its ``startup_s``."""
     run = store.get_run(run_id)
     if run is None:
         raise UserError(
@@ -209,7 +226,7 @@ def execute(
     attempt = attempt or run["attempt"]
     out_dir = config.run_dir(run_id)
     log_path = out_dir / "worker.log"
-    reporter = DBReporter(run_id, attempt, log_path, echo=echo, on_eval=on_eval)
+    reporter = DBReporter(run_id, attempt, log_path, echo=echo, on_eval=on_eval, started=started)
     try:
         spec = parse_spec(run["spec"])
         device = pick_device(spec.train.device)
@@ -235,13 +252,14 @@ def execute(
                 store.add_artifact(run_id, kind, path)
             store.update_run(run_id, trainable_params=result.trainable_params, total_params=result.total_params,
                              device=result.device)  # fmt: skip
-        if store.finish_run(run_id, "succeeded", summary=result.summary(), attempt=attempt):
+        if store.finish_run(run_id, "succeeded", summary=result.summary() | _startup(reporter), attempt=attempt):
             reporter.log(f"succeeded: {result.final_metrics}")
         else:
             reporter.log("finished, but the run is no longer this attempt's: result not recorded")
     except StoppedEarly as err:
         reporter.log(f"stopped: {err}")
-        store.finish_run(run_id, "stopped", error=str(err), summary={"final_metrics": err.last_eval}, attempt=attempt)
+        summary = {"final_metrics": err.last_eval} | _startup(reporter)
+        store.finish_run(run_id, "stopped", error=str(err), summary=summary, attempt=attempt)
     except Cancelled as err:
         # The watchdog asked to stop: the run row already says why (cancelled, failed, lost, another attempt).
         reporter.log(f"stopped: {watchdog.stop_reason or err}")
@@ -278,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attempt", type=int, help="the attempt to run (default: the run's current one)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_terminated)  # Ray's stop_job sends SIGTERM first
-    final = execute(args.run_id, attempt=args.attempt, parent_pid=os.getppid())
+    started = psutil.Process().create_time()  # start-up counts from the process's start: imports included
+    final = execute(args.run_id, attempt=args.attempt, parent_pid=os.getppid(), started=started)
     return 0 if final["status"] in ("succeeded", "cancelled") else 1
 
 

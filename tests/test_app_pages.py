@@ -123,7 +123,7 @@ def final_run(run_id: str) -> dict | None:
 def fill_launch_form(at: AppTest, seeds: str = "0") -> None:
     by_label(at.selectbox, "Model").set_value("tiny-bert")
     by_label(at.selectbox, "Dataset").set_value("tweets-sentiment")
-    at.multiselect(key="methods").set_value(["lora"])
+    at.multiselect(key="method.name").set_value(["lora"])
     at.run()  # the method's parameter widgets appear for the chosen methods
     by_label(at.number_input, "max train examples").set_value(64)
     by_label(at.number_input, "max eval examples").set_value(32)

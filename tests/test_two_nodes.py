@@ -18,7 +18,7 @@ from db import store
 from db import studies as db_studies
 from db.schema import FINAL_STATUSES
 from jobs.runs import runtime_env
-from jobs.studies import record_study
+from jobs.studies import TRIAL_THREAD_TIMEOUT_S, record_study
 from jobs.study_driver import run_study
 from tests.conftest import tiny_spec, wait_for
 
@@ -37,7 +37,7 @@ def two_nodes(pg_lab, monkeypatch):
                                                             "include_dashboard": False})  # fmt: skip
     worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
-    env = runtime_env()["env_vars"] | {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "30"}
+    env = runtime_env()["env_vars"] | {"TUNE_FUNCTION_THREAD_TIMEOUT_S": TRIAL_THREAD_TIMEOUT_S}
     ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
     try:
         yield cluster, worker

@@ -7,7 +7,8 @@ import pandas as pd
 import streamlit as st
 
 from app import charts
-from app.analysis_common import display_table, runs_frame
+from app.analysis_common import display_table
+from app.summary import runs_frame
 from db import store
 from engine.analysis.compare import (
     differences_only,
@@ -38,7 +39,7 @@ def from_url(name: str, choices: list, default: list | None = None) -> list:
     return wanted or (default or [])
 
 
-c = st.columns(6)
+c = st.columns(7)
 methods = c[0].multiselect("Method", options("method"), from_url("method", options("method")), key="f_method")
 models = c[1].multiselect("Model", options("model"), from_url("model", options("model")), key="f_model")
 datasets = c[2].multiselect("Dataset", options("dataset"), from_url("dataset", options("dataset")), key="f_dataset")
@@ -49,6 +50,8 @@ tags = c[4].multiselect("Tags (all of)", sorted({t for ts in frame["tags"] for t
 statuses = c[5].multiselect(
     "Status", options("status"), from_url("status", options("status"), ["succeeded"]), key="f_status"
 )
+study_ids = sorted({r["study_id"] for r in runs if r.get("study_id")})
+chosen_studies = c[6].multiselect("Study", study_ids, from_url("study", study_ids), key="f_study")
 
 filtered = filter_runs(
     frame, methods=methods or None, models=models or None, datasets=datasets or None, tags=tags or None,
@@ -56,6 +59,9 @@ filtered = filter_runs(
 )  # fmt: skip
 if experiments:
     filtered = filtered[filtered["experiment"].isin(experiments)]
+if chosen_studies:  # a study's trials (?study=ID from the Studies page)
+    in_study = {r["id"] for r in runs if r.get("study_id") in chosen_studies}
+    filtered = filtered[filtered["run_id"].isin(in_study)]
 if filtered.empty:
     st.info("No run matches these filters: widen them (e.g. clear the status filter).")
     st.stop()

@@ -8,8 +8,9 @@ from typing import Any, get_args
 import streamlit as st
 
 from app import charts
-from app.analysis_common import short_label, stored_landscapes, trained_runs
+from app.analysis_common import stored_landscapes, trained_runs
 from app.common import selected_run_id
+from app.summary import short_label
 from engine.export import ExportError
 from jobs.analysis import LANDSCAPE_GRID_DEFAULTS, AnalysisError, LandscapeParams, compute_analysis, parse_params
 

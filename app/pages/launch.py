@@ -1,8 +1,10 @@
-"""Launch: choose a model, a dataset, methods with their hyper-parameters, seeds and resources; submit.
+"""Launch: a model, a dataset, methods with their hyper-parameters, seeds and resources; submit. Or, in Study mode,
+a search over RunSpec fields (the Studies page's form).
 
-Every field is validated live (the RunSpec, then pre-flight of the model, the dataset and the cluster's nodes, cached
-by their inputs); Launch stays disabled while anything is invalid, and the error names the field. ``?clone=RUN_ID``
-starts the form from that run's stored spec.
+The form is generated from RunSpec (app/spec_form.py): every field, RunSpec's defaults, common fields first and the
+advanced ones in each section's expander. Every field is validated live (the RunSpec, then pre-flight of the model,
+the dataset and the cluster's nodes, cached by their inputs); Launch stays disabled while anything is invalid, and
+the error names the field. ``?clone=RUN_ID`` starts the form from that run's stored spec.
 """
 
 from __future__ import annotations
@@ -14,23 +16,27 @@ from typing import Any
 
 import streamlit as st
 
-from app.common import cluster_status, config_form, parse_seeds
+from app.common import cluster_status, config_form
+from app.spec_form import section_form, start_values
+from app.study_form import study_form
 from db import store
 from engine import preflight
-from engine.data import BUNDLED as DATASETS
 from engine.errors import UserError
-from engine.methods import get_method, method_names
-from engine.models import BUNDLED as MODELS
-from engine.spec import DatasetSpec, ResourcesSpec, RunSpec, SpecError, TrainSpec, parse_spec
+from engine.methods import get_method
+from engine.spec import DatasetSpec, RunSpec, SpecError, parse_spec
 
 st.title("🚀 Launch runs")
 ok, address = cluster_status()
 if not ok:
     st.warning(f"Ray is not reachable ({address}). Start the app with ./run_app.sh or set RAY_ADDRESS.")
 
-
-def field_defaults(model_cls) -> dict[str, Any]:
-    return {name: f.get_default(call_default_factory=True) for name, f in model_cls.model_fields.items()}
+if st.radio("Mode", ["Single runs", "Study"], horizontal=True, key="launch_mode") == "Study":
+    st.caption("A search over RunSpec fields: one run per trial (see recipes/studies/ for the YAML).")
+    study_id = study_form(show_yaml=True)
+    if study_id:
+        st.success(f"Launched study {study_id}")
+        st.page_link("pages/study.py", label="Follow it on the Studies page", icon="🔬")
+    st.stop()
 
 
 def cloned_spec() -> dict[str, Any]:
@@ -42,84 +48,32 @@ def cloned_spec() -> dict[str, Any]:
     if run is None:
         st.error(f"clone: no run {run_id} in the database; pick a run on the Runs page")
         return {}
-    st.info(f"Cloned from run {run_id}: the form starts from its spec, and fields the form does not show are kept.")
+    st.info(f"Cloned from run {run_id}: the form starts from its spec.")
     return run["spec"]
 
 
 clone = cloned_spec()
-start_data = field_defaults(DatasetSpec) | clone.get("dataset", {})
-start_train = field_defaults(TrainSpec) | clone.get("train", {})
-start_res = field_defaults(ResourcesSpec) | clone.get("resources", {})
+start = start_values(clone)
 start_method = clone.get("method", {})
-start_model = clone.get("model", RunSpec.model_fields["model"].default)
-
-CUSTOM = "other (hub id, local directory or timm/<name>)"
-SCHEDULES = ["linear", "cosine", "constant"]
+problems: list[str] = []
+values: dict[str, Any] = {}
 left, right = st.columns(2)
 with left:
-    st.subheader("Model and data")
-    model_options = [*MODELS, CUSTOM]
-    model_choice = st.selectbox(
-        "Model", model_options, index=model_options.index(start_model if start_model in MODELS else CUSTOM),
-        format_func=lambda m: m if m == CUSTOM else f"{m}: {MODELS[m]}",
-    )  # fmt: skip
-    custom_model = "" if start_model in MODELS else start_model
-    model = (
-        st.text_input("Model name or path", custom_model, key="custom_model").strip()
-        if model_choice == CUSTOM
-        else model_choice
-    )
-    trust_remote_code = st.checkbox(
-        "trust_remote_code", value=bool(clone.get("trust_remote_code", False)),
-        help="Run code shipped with a hub model (off by default)",
-    )  # fmt: skip
-    data_options = [*DATASETS, "file"]
-    data_start = start_data["name"]
-    data_choice = st.selectbox(
-        "Dataset", data_options, index=data_options.index(data_start if data_start in DATASETS else "file"),
-        format_func=lambda d: d if d == "file" else f"{d}: {DATASETS[d]}",
-    )  # fmt: skip
-    text_column, label_column = start_data["text_column"], start_data["label_column"]
-    if data_choice == "file":
-        dataset = st.text_input("CSV/JSONL path", "" if data_start in DATASETS else data_start, key="data_path")
-        c1, c2 = st.columns(2)
-        text_column = c1.text_input("text column", text_column)
-        label_column = c2.text_input("label column", label_column, help="integer class ids or class names")
-    else:
-        dataset = data_choice
-    c1, c2, c3 = st.columns(3)
-    max_train = c1.number_input("max train examples", value=int(start_data["max_train"] or 0), step=100,
-                                help="0: all")  # fmt: skip
-    max_eval = c2.number_input("max eval examples", value=int(start_data["max_eval"] or 0), step=100, help="0: all")
-    max_length = c3.number_input("max sequence length", value=int(start_data["max_length"]), step=8)
-
+    st.subheader("Model")
+    values |= section_form("model", start, problems)
+    st.subheader("Data")
+    values |= section_form("data", start, problems)
 with right:
     st.subheader("Training")
-    c1, c2, c3 = st.columns(3)
-    lr = c1.number_input("learning rate", value=float(start_train["lr"]), step=1e-4, format="%.6g")
-    epochs = c2.number_input("epochs", value=int(start_train["epochs"]), step=1)
-    max_steps = c3.number_input("max steps (0: by epochs)", value=int(start_train["max_steps"] or 0), step=10)
-    c1, c2, c3 = st.columns(3)
-    batch_size = c1.number_input("batch size", value=int(start_train["batch_size"]), step=1)
-    seeds_text = c2.text_input("seeds", str(start_train["seed"]), help="'0', '0, 1, 2' or '0-4': one run per seed")
-    experiment = c3.text_input("experiment", clone.get("experiment", "default"))
-    c1, c2, c3 = st.columns(3)
-    weight_decay = c1.number_input("weight decay", value=float(start_train["weight_decay"]), step=0.01,
-                                   format="%.6g", help="AdamW's decoupled weight decay (0 to 1)")  # fmt: skip
-    warmup_ratio = c2.number_input("warm-up ratio", value=float(start_train["warmup_ratio"]), step=0.01,
-                                   format="%.6g", help="share of the steps with a rising learning rate")  # fmt: skip
-    schedule = c3.selectbox("schedule", SCHEDULES, index=SCHEDULES.index(start_train["schedule"]))
-    c1, c2, c3 = st.columns(3)
-    evals_per_epoch = c1.number_input("evaluations per epoch", value=int(start_train["evals_per_epoch"]), step=1)
-    grad_clip = c2.number_input("gradient clipping (0: off)", value=float(start_train["grad_clip"] or 0.0),
-                                step=0.5, format="%.6g", help="clip the gradient norm at this value")  # fmt: skip
-    tags = c3.text_input("tags (comma separated)", ", ".join(clone.get("tags", [])))
-    c1, c2, _ = st.columns(3)
-    num_cpus = c1.number_input("CPUs per run", value=float(start_res["num_cpus"]), step=1.0)
-    num_gpus = c2.number_input("GPUs per run", value=float(start_res["num_gpus"]), step=1.0)
+    values |= section_form("training", start, problems)
+    st.subheader("Resources")
+    values |= section_form("resources", start, problems)
 
 st.subheader("Methods")
-chosen = st.multiselect("PEFT methods", method_names(), default=[start_method.get("name", "lora")], key="methods")
+values |= section_form("method", start, problems)
+chosen: list[str] = values.pop("method.name")
+seeds: list[int] = values.pop("train.seed")
+run_name = values.pop("name")
 method_params: dict[str, dict] = {}
 for name in chosen:
     cls = get_method(name)
@@ -127,43 +81,23 @@ for name in chosen:
         st.caption(cls.paper)
         initial = {k: v for k, v in start_method.items() if k != "name"} if name == start_method.get("name") else None
         method_params[name] = config_form(cls.config_cls, key_prefix=f"method.{name}", initial=initial)
+model, dataset = values["model"], values["dataset.name"]
 
 
 def build_specs() -> list[dict]:
-    """One RunSpec dict per chosen method: the cloned spec (if any) with the form's values on top."""
+    """One RunSpec dict per chosen method: the form's fields (the cloned spec underneath, for keys RunSpec does not
+    declare). The run name, when given, names the run of one method, or prefixes each method's name."""
+    from app.spec_form import nest
+
     base = copy.deepcopy(clone)
-    base.pop("name", None)
-    base |= {
-        "experiment": experiment or "default",
-        "tags": [t.strip() for t in tags.split(",") if t.strip()],
-        "model": model,
-        "trust_remote_code": trust_remote_code,
-    }
-    base["dataset"] = base.get("dataset", {}) | {
-        "name": dataset,
-        "max_train": int(max_train) or None,
-        "max_eval": int(max_eval) or None,
-        "max_length": int(max_length),
-        "text_column": text_column,
-        "label_column": label_column,
-    }
-    base["train"] = base.get("train", {}) | {
-        "epochs": int(epochs),
-        "max_steps": int(max_steps) or None,
-        "batch_size": int(batch_size),
-        "lr": float(lr),
-        "weight_decay": float(weight_decay),
-        "warmup_ratio": float(warmup_ratio),
-        "schedule": schedule,
-        "evals_per_epoch": int(evals_per_epoch),
-        "grad_clip": float(grad_clip) or None,
-    }
-    base["resources"] = base.get("resources", {}) | {"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)}
-    same_method = {start_method.get("name"): clone.get("name")}
-    return [
-        base | {"name": same_method.get(name) or name, "method": {"name": name, **params}}
-        for name, params in method_params.items()
-    ]
+    for key, value in nest(values).items():
+        base[key] = base.get(key, {}) | value if isinstance(value, dict) and key != "model_options" else value
+    base["train"] = base["train"] | {"seed": seeds[0] if seeds else start["train.seed"]}
+
+    def named(method: str) -> str:
+        return (run_name if len(chosen) == 1 else f"{run_name}-{method}") if run_name else method
+
+    return [base | {"name": named(m), "method": {"name": m, **params}} for m, params in method_params.items()]
 
 
 # --- validation: every field, live; Launch stays disabled while anything is invalid ----------------
@@ -205,19 +139,7 @@ def file_stamp(name: str) -> tuple | None:
     return (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
 
 
-problems: list[str] = []
 warnings: list[str] = []
-try:
-    seeds = parse_seeds(seeds_text)
-except ValueError as err:
-    problems.append(str(err))
-    seeds = []
-if not model:
-    problems.append("model: enter a hub id, a local directory or timm/<name>")
-if not chosen:
-    problems.append("method: choose at least one PEFT method")
-if data_choice == "file" and not dataset.strip():
-    problems.append("dataset.name: enter the path of a .csv or .jsonl file")
 specs: list[RunSpec] = []
 for raw in build_specs() if model else []:
     try:
@@ -225,9 +147,10 @@ for raw in build_specs() if model else []:
     except SpecError as err:
         problems.append(f"{raw['method']['name']}: {err}" if len(chosen) > 1 else str(err))
 if model:
-    options = json.dumps(sorted([k, repr(v)] for k, v in clone.get("model_options", {}).items()))
-    problems.append(model_problem(model, trust_remote_code, options))
+    options = json.dumps(sorted([k, repr(v)] for k, v in values["model_options"].items()))
+    problems.append(model_problem(model, values["trust_remote_code"], options))
 if dataset.strip():
+    text_column, label_column = values["dataset.text_column"], values["dataset.label_column"]
     problems.append(dataset_problem(dataset, text_column, label_column, file_stamp(dataset)))
 problems = [p for p in problems if p]
 if not problems:
@@ -237,7 +160,7 @@ if not problems:
         except UserError as err:
             problems.append(f"{spec.method.name}: {err}" if len(chosen) > 1 else str(err))
 if ok and not problems:
-    found, problem = resources_check(float(num_cpus), float(num_gpus))
+    found, problem = resources_check(float(values["resources.num_cpus"]), float(values["resources.num_gpus"]))
     warnings += found
     problems += [problem] if problem else []
 

@@ -8,14 +8,21 @@ import streamlit as st
 from app import charts
 from app.common import STATUS_ICONS, elapsed_s, final_accuracy, format_duration, resume_button, run_label
 from db import store
+from db import studies as db_studies
 from engine.methods import method_names
 
 st.title("📋 Runs")
 
-c1, c2, c3 = st.columns([2, 2, 1])
+c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
 status_filter = c1.multiselect("Status", list(STATUS_ICONS), default=[], key="status_filter")
 method_filter = c2.multiselect("Method", method_names(), default=[], key="method_filter")
-limit = c3.number_input("Show at most", min_value=10, value=200, step=50)
+studies = [""] + [s["id"] for s in db_studies.list_studies()]
+wanted = st.query_params.get("study")  # ?study=ID: a study's trials, linked from the Studies page
+study_filter = c3.selectbox(
+    "Study", studies, index=studies.index(wanted) if wanted in studies else 0, key="study_filter",
+    format_func=lambda s: s or "all runs",
+)  # fmt: skip
+limit = c4.number_input("Show at most", min_value=10, value=200, step=50)
 
 
 def runs_table(runs: list[dict]) -> pd.DataFrame:
@@ -34,6 +41,7 @@ def runs_table(runs: list[dict]) -> pd.DataFrame:
             "eval accuracy": [final_accuracy(r) for r in runs],
             "trainable params": [r["trainable_params"] for r in runs],
             "detail": [f"/run_detail?run={r['id']}" for r in runs],
+            "study": [f"/study?study={r['study_id']}" if r.get("study_id") else None for r in runs],
         }
     )
 
@@ -42,13 +50,14 @@ def runs_table(runs: list[dict]) -> pd.DataFrame:
 def live_runs() -> None:
     """Re-runs every 2 s on its own: the table and curves update without reloading the page. Reading the runs
     applies the liveness rule, so a run whose worker died shows as lost (and the keeper retries it)."""
-    runs = store.list_runs(status=status_filter or None, methods=method_filter or None, limit=int(limit))
+    runs = store.list_runs(status=status_filter or None, methods=method_filter or None, study=study_filter or None,
+                           limit=int(limit))  # fmt: skip
     if not runs:
         st.info("No runs yet: launch some on the Launch page.")
         return
     active = [r for r in runs if r["status"] in ("queued", "running")]
     counts = pd.Series([r["status"] for r in runs]).value_counts()
-    st.caption(" · ".join(f"{STATUS_ICONS[s]} {s}: {counts.get(s, 0)}" for s in STATUS_ICONS))
+    st.caption(" · ".join(f"{STATUS_ICONS[s]} {s}: {counts[s]}" for s in STATUS_ICONS if counts.get(s, 0)))
     st.dataframe(
         runs_table(runs),
         hide_index=True,
@@ -57,6 +66,7 @@ def live_runs() -> None:
             "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
             "eval accuracy": st.column_config.NumberColumn(format="%.4f"),
             "detail": st.column_config.LinkColumn("detail", display_text="open"),
+            "study": st.column_config.LinkColumn("study", display_text=r"study=(.*)$"),
         },
         key="runs_table",
     )

@@ -7,8 +7,9 @@ import pandas as pd
 import streamlit as st
 
 from app import charts
-from app.analysis_common import pick_runs, short_label, short_layer_names, stored_spectra, trained_runs
+from app.analysis_common import pick_runs, short_layer_names, stored_spectra, trained_runs
 from app.common import config_form
+from app.summary import short_label
 from engine.analysis.spectra import SCALAR_COLUMNS
 from engine.export import ExportError
 from jobs.analysis import AnalysisError, SpectraParams, compute_analysis

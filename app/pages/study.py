@@ -9,54 +9,17 @@ import yaml
 
 from app import study_view
 from app.common import STATUS_ICONS
+from app.study_form import study_form
 from db import store
 from db import studies as db_studies
-from engine.errors import UserError
 
 st.title("🔬 Studies")
 
-EXAMPLE = """\
-name: tiny-lr-grid
-spec:
-  model: tiny-bert
-  dataset: {name: tweets-sentiment, max_train: 64, max_eval: 32, max_length: 16}
-  method: {name: lora, rank: 4}
-  train: {epochs: 1, batch_size: 16, log_every: 1, num_threads: 1}
-space:
-  train.lr: {grid: [1.0e-4, 3.0e-3, 3.0e-2]}
-seeds: [0, 1]
-search: grid
-max_concurrent: 2
-"""
-
-
-def study_form() -> None:
-    """A study as YAML (see recipes/studies/), checked as you type: the number of trials, or the first error."""
-    from engine.study import count_trials, parse_study
-
-    text = st.text_area("Study YAML", value=st.session_state.get("study_yaml", EXAMPLE), height=300, key="study_yaml")
-    try:
-        data = yaml.safe_load(text)
-        study = parse_study(data)
-    except (UserError, yaml.YAMLError) as err:
-        st.error(" ".join(str(err).split()))
-        return
-    scheduler = "ASHA" if study.asha else "FIFO"
-    st.success(f"{count_trials(study)} trials · {study.search} search · {scheduler} · {study.max_concurrent} at once")
-    if st.button("Launch study", type="primary", key="launch_study"):
-        from jobs.studies import submit_study
-
-        try:
-            study_id = submit_study(study)
-        except UserError as err:
-            st.error(" ".join(str(err).split()))
-            return
-        st.query_params["study"] = study_id
-        st.rerun()
-
-
 with st.expander("New study", expanded=not db_studies.list_studies(limit=1)):
-    study_form()
+    submitted = study_form()
+if submitted:
+    st.query_params["study"] = submitted
+    st.rerun()
 
 studies = db_studies.list_studies()
 if not studies:
@@ -68,6 +31,9 @@ labels = {s["id"]: f"{s['name']} · {s['id']} · {s['status']}" for s in studies
 study_id = st.selectbox("Study", ids, index=ids.index(wanted) if wanted in ids else 0, format_func=labels.get)
 if study_id != wanted:
     st.query_params["study"] = study_id
+links = st.columns(4)
+links[0].link_button("Its trials in Runs", f"/runs?study={study_id}")
+links[1].link_button("Compare its trials", f"/compare?study={study_id}&status=succeeded,stopped")
 
 
 @st.fragment(run_every=3.0)

@@ -1,8 +1,8 @@
 """Analyses of trained adapters and of runs: rank spectra, importance, loss landscapes, method comparison.
 
 Every analysis talks to methods only through the contract in ``engine.methods.base`` (``delta_weight()``,
-the optional ``low_rank_factors()``, ``effective_base_weight()``, ``Method.adapted_layers`` and
-``Method.artifacts``), never through a method's name.
+``low_rank_factors_of(layer)``, ``effective_base_weight()``, ``Method.adapted_layers`` and ``Method.artifacts``),
+never through a method's name.
 
 * ``spectra``: singular values of ΔW per adapted layer and the scalars derived from them;
 * ``importance``: method artifacts (score matrices, router loads) as tidy tables, and ``LayerNormProfiler``;

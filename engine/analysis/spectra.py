@@ -11,9 +11,10 @@ dicts for full fine-tuning) we report
   arXiv 2410.21228, Def. 1): among the top-k singular vectors of ``W0 + ΔW``, those whose best ``|cos|`` match
   among all singular vectors of ``W0`` is below ε (defaults k = 10, ε = 0.5).
 
-Low-rank updates ``ΔW = B A`` (layers exposing ``low_rank_factors()``) never form a dense SVD: with the
-thin QR factorisations ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A``, ``ΔW = Q_B (R_B R_Aᵀ) Q_Aᵀ`` and the singular values
-of ΔW are those of the small core ``R_B R_Aᵀ`` (at most r × r). Dense updates use ``torch.linalg.svdvals``.
+Low-rank updates ``ΔW = B A`` (``low_rank_factors_of(layer)``, with the scaling folded into B) never form a dense
+SVD: with the thin QR factorisations ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A``, ``ΔW = Q_B (R_B R_Aᵀ) Q_Aᵀ`` and the
+singular values of ΔW are those of the small core ``R_B R_Aᵀ`` (at most r × r). Dense updates use
+``torch.linalg.svdvals``.
 
 Our choices where the papers are silent:
 
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from engine.analysis import layer_role_block, load_arrays, save_arrays
-from engine.methods.base import Method
+from engine.methods.base import Method, low_rank_factors_of
 
 SCALAR_COLUMNS = [
     "rank",
@@ -256,13 +257,13 @@ def adapter_spectra(
 ) -> Spectra:
     """Spectra of every adapted layer of ``model`` (``Method.adapted_layers``) that has a dense ΔW.
 
-    ``use_factors`` takes the factor route for layers with ``low_rank_factors()``; ``base_weights`` maps layer
-    names to the reference W0 (default: each layer's ``effective_base_weight()``).
+    ``use_factors`` takes the factor route for layers with low-rank factors (``low_rank_factors_of``);
+    ``base_weights`` maps layer names to the reference W0 (default: each layer's ``effective_base_weight()``).
     """
     rows, sigmas, sims, skipped = [], {}, {}, []
     for name, layer in Method.adapted_layers(model).items():
-        low_rank = getattr(layer, "low_rank_factors", None)
-        factors = low_rank() if use_factors and callable(low_rank) else None
+        low_rank = low_rank_factors_of(layer) if use_factors else None
+        factors = (low_rank.scaled_B, low_rank.A) if low_rank is not None else None
         delta = layer.delta_weight() if factors is None or intruder_k > 0 else None
         if factors is None and delta is None:
             skipped.append(name)

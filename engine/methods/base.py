@@ -13,6 +13,10 @@ this contract, so adding a method never adds a branch elsewhere:
 * ``Method.apply(model)`` freezes the backbone, injects the adapters and unfreezes the task head;
 * ``Method.adapted_layers(model)`` lists the adapted layers; each has ``delta_weight()`` (or ``None``),
   ``merged()`` and ``adapter_parameters()``;
+* ``low_rank_factors_of(layer, rank)`` gives a layer's update as ``LowRankFactors`` (``ΔW = s·B A``) or None:
+  layers that are ``LowRankLinear`` declare them, and ``supports_rank_choice`` says whether they can give
+  fewer components (DyLoRA's nested ranks). ``Method.peft_lora_options()`` is the method's own PEFT LoRA form
+  (r, α, rsLoRA, dropout, variant, init), or None; nobody outside the method reads its config fields by name;
 * ``Method.adapter_state_dict`` / ``load_adapter_state_dict`` select tensors by the method's ``prefix``;
 * ``Method.merge(model)`` folds ΔW into dense weights (mergeable methods only);
 * ``Method.adapter_param_count(model)`` is the closed-form count from docs/METHODS.md, tested against reality;
@@ -29,7 +33,10 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
+from engine.errors import UserError
+
 if TYPE_CHECKING:
+    from engine.methods.lowrank import LowRankFactors
     from engine.models import AdaptableLayer, TaskModel
 
 
@@ -53,6 +60,30 @@ class PeftVariant:
     factor_A: str | None = None
     factor_B: str | None = None
     magnitude: str | None = None
+
+
+@dataclass(frozen=True)
+class PeftLoraOptions:
+    """A method's own Hugging Face PEFT ``LoraConfig`` settings, stated by the method (``Method.peft_lora_options``).
+
+    ``r`` is the rank of the factors its layers give by default (``low_rank_factors()``), so ``lora_alpha / r``
+    (``/ √r`` with ``use_rslora``) is their scaling. ``variant`` is set when PEFT computes the method differently
+    from plain LoRA (DoRA). ``init`` is PEFT's ``init_lora_weights`` for the same initialisation (``True``:
+    Kaiming A and zero B; ``"pissa"``, ``"pissa_niter_<k>"``, ``"corda"``): a trained adapter is exported as
+    plain factors on W0, so the export does not write it, but it says which PEFT run the method corresponds to.
+    """
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    lora_dropout: float = 0.0
+    variant: PeftVariant | None = None
+    init: bool | str = True
+
+
+class RankChoiceError(UserError, TypeError):
+    """A rank was asked of a layer whose factors cannot give it. Also a ``TypeError``: the rank is an argument
+    this layer does not take (callers that caught the ``TypeError`` of a rank-less signature keep working)."""
 
 
 # Hugging Face PEFT's names for the same fields, accepted so PEFT users' habits work (``r: 8``).
@@ -104,6 +135,8 @@ class AdaptedLinear(nn.Module):
     """
 
     linear_in_x: bool = True
+    # True when ``low_rank_factors(rank)`` can give fewer components than stored (DyLoRA's nested ranks).
+    supports_rank_choice: ClassVar[bool] = False
 
     def __init__(self, base: nn.Linear):
         super().__init__()
@@ -152,6 +185,43 @@ class AdaptedLinear(nn.Module):
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("base.")]
+
+
+class LowRankLinear(AdaptedLinear):
+    """An adapted layer whose ΔW is a low-rank product it can give without a dense SVD (LoRA, PiSSA, DyLoRA...).
+
+    ``low_rank_factors(rank)`` returns ``LowRankFactors`` (A, B, scaling) with ``ΔW = scaling · B A`` exactly;
+    ``rank`` asks for the leading ``rank`` components (only where ``supports_rank_choice``), None for the
+    layer's own rank. ``rank`` (the attribute) is the number of components stored. Any other adapted layer has
+    no factors: ask through ``low_rank_factors_of``, which answers None for it.
+    """
+
+    rank: int
+
+    def low_rank_factors(self, rank: int | None = None) -> LowRankFactors:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check_rank_choice(self, rank: int | None) -> None:
+        """Refuse a rank the layer cannot give: any rank without rank choice, else one outside 1..stored."""
+        if rank is None:
+            return
+        if not self.supports_rank_choice:
+            raise RankChoiceError(
+                f"{type(self).__name__}.low_rank_factors() takes no rank: convert at a chosen rank with svd_rank"
+            )
+        if not 1 <= rank <= self.rank:
+            raise RankChoiceError(f"rank {rank} of {type(self).__name__}: choose a rank in 1..{self.rank}")
+
+
+def low_rank_factors_of(layer: nn.Module, rank: int | None = None) -> LowRankFactors | None:
+    """The layer's ``LowRankFactors`` (at ``rank`` leading components when given), or None when it has none.
+
+    The one way callers (analyses, export, UI) ask for factors. A rank for a layer with factors but no rank
+    choice raises ``RankChoiceError``; a layer without factors answers None whatever the rank.
+    """
+    if not isinstance(layer, LowRankLinear):
+        return None
+    return layer.low_rank_factors(rank)
 
 
 @dataclass
@@ -220,6 +290,18 @@ class Method:
     @staticmethod
     def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
         return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+    def peft_lora_options(self) -> PeftLoraOptions | None:
+        """This instance as Hugging Face PEFT's LoRA (its ``LoraConfig`` fields), or None when it has no LoRA form.
+
+        A method overrides this from its own config; callers never read ``rank`` or ``alpha`` by name.
+        """
+        return None
+
+    def default_export_rank(self) -> int | None:
+        """The rank a conversion to LoRA by truncated SVD starts from: the method's own rank setting, if any."""
+        options = self.peft_lora_options()
+        return options.r if options is not None else None
 
     def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         out = {}

@@ -34,7 +34,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from engine.methods.base import Method, TrainContext, register_method
+from engine.methods.base import Method, PeftLoraOptions, TrainContext, register_method
 from engine.methods.lora import LoRAConfig
 from engine.methods.pissa import ResidualLowRankLinear
 
@@ -152,6 +152,9 @@ class CorDA(Method):
     def make_layer(self, base, layer, model):
         cfg: CorDAConfig = self.config
         return CorDALinear(base, cfg.rank, cfg.scaling(), cfg.dropout)
+
+    def peft_lora_options(self) -> PeftLoraOptions:
+        return self.config.peft_lora_options(init="corda")
 
     def adapter_param_count(self, model) -> int:
         r = self.config.rank

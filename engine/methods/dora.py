@@ -9,20 +9,23 @@ Dropout (the paper is silent; we follow PEFT's ``DoraLinearLayer``): with dropou
 output is ``W0 x + b0 + (m/‖·‖)(W0 + s B A) d(x) − W0 d(x)``; without dropout (or in eval) this is exactly
 ``(m/‖·‖)(W0 + s B A) x + b0``. The bias is never rescaled.
 
+The factors, their init, scaling and dropout are the shared ``LoRAStyleLinear`` (``engine/methods/lowrank.py``);
+its layers declare no ``low_rank_factors`` (ΔW is not ``s B A``): the PEFT export reads A, B and ``m`` through
+``DoRA.peft_variant``.
+
 Parameters ``r(d_in + d_out) + d_out`` per layer. Mergeable: ``W' `` is a dense matrix. Tensor names map to
 PEFT's as in ``PEFT_NAMES`` (``dora_A.weight`` ↔ ``lora_A.<adapter>.weight``, ...).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.methods.base import AdaptedLinear, Method, PeftVariant, register_method
+from engine.methods.base import Method, PeftLoraOptions, PeftVariant, register_method
 from engine.methods.lora import LoRAConfig
+from engine.methods.lowrank import LoRAStyleLinear
 
 # Our attribute name -> PEFT's (``LoraConfig(use_dora=True)``); the magnitude is PEFT's
 # ``lora_magnitude_vector.<adapter>.weight``.
@@ -33,22 +36,21 @@ class DoRAConfig(LoRAConfig):
     """LoRA's fields: rank and α of the directional update ``s B A``, its input dropout, rsLoRA scaling."""
 
 
-class DoRALinear(AdaptedLinear):
+class DoRALinear(LoRAStyleLinear):
+    """The shared LoRA-style factors (``dora_A``, ``dora_B``, ``dora_dropout``) plus the magnitude ``m``."""
+
+    factor_prefix = "dora_"
+
     def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0):
-        super().__init__(base)
+        super().__init__(base, rank, scaling, dropout)
         w = base.weight
-        self.dora_A = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
-        self.dora_B = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=w.dtype)
-        nn.init.kaiming_uniform_(self.dora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.dora_B.weight)
-        self.scaling = scaling
-        self.dora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         with torch.no_grad():
             magnitude = torch.linalg.norm(w.float(), dim=1).to(w.dtype)  # ‖W0‖_row (B = 0 at init)
         self.dora_magnitude_vector = nn.Parameter(magnitude)
 
     def _low_rank_weight(self) -> torch.Tensor:
-        return self.dora_B.weight @ self.dora_A.weight
+        b, a = self.factor_weights()
+        return b @ a
 
     def weight_norm(self) -> torch.Tensor:
         """‖W0 + s B A‖ per output row, without gradient (the paper's §4.3 constant)."""
@@ -59,13 +61,13 @@ class DoRALinear(AdaptedLinear):
         w0, bias = self.base.weight, self.base.bias
         magnitude_scale = self.dora_magnitude_vector / self.weight_norm().to(x.dtype)
         base_out = F.linear(x, w0)
-        if self.training and isinstance(self.dora_dropout, nn.Dropout):
+        if self.training and isinstance(self.adapter_dropout, nn.Dropout):
             # As in PEFT: the magnitude-scaled direction sees d(x), the kept base output sees x.
-            dropped = self.dora_dropout(x)
+            dropped = self.adapter_dropout(x)
             base_on_dropped = F.linear(dropped, w0)
         else:
             dropped, base_on_dropped = x, base_out
-        lora_out = self.dora_B(self.dora_A(dropped)) * self.scaling
+        lora_out = self.low_rank_update(dropped)
         out = base_out + (magnitude_scale - 1) * base_on_dropped + magnitude_scale * lora_out
         return out if bias is None else out + bias
 
@@ -95,6 +97,9 @@ class DoRA(Method):
     def make_layer(self, base, layer, model):
         cfg: DoRAConfig = self.config
         return DoRALinear(base, cfg.rank, cfg.scaling(), cfg.dropout)
+
+    def peft_lora_options(self) -> PeftLoraOptions:
+        return self.config.peft_lora_options(variant=self.peft_variant)
 
     def adapter_param_count(self, model) -> int:
         r = self.config.rank

@@ -19,6 +19,10 @@ Our choices where the paper is silent:
 * A is Kaiming-uniform (as nn.Linear, LoRA and PEFT), B zero, so the adapted model starts as the base model;
   α defaults to our LoRA default (16), r_min to 1 and ``frozen`` to off (all gradients of the leading b).
 
+The layer is the shared ``LowRankUpdateLinear`` (``engine/methods/lowrank.py``) with its factors stored as
+components and the scaling taken at the rank in use; ``low_rank_factors(rank)`` gives any leading truncation
+(``supports_rank_choice``).
+
 Parameters ``r_max(d_in + d_out)`` per layer. Mergeable at the evaluation rank. ``dylora_A.<i>`` (1 × d_in) and
 ``dylora_B.<i>`` (d_out × 1) stack into LoRA's ``lora_A`` / ``lora_B`` (``factor_matrices``).
 """
@@ -34,7 +38,8 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from engine.methods.base import AdaptedLinear, Method, TargetedConfig, TrainContext, register_method
+from engine.methods.base import Method, PeftLoraOptions, TargetedConfig, TrainContext, register_method
+from engine.methods.lowrank import LowRankUpdateLinear
 
 
 class DyLoRAConfig(TargetedConfig):
@@ -55,25 +60,38 @@ class DyLoRAConfig(TargetedConfig):
         return self
 
 
-class DyLoRALinear(AdaptedLinear):
+class DyLoRALinear(LowRankUpdateLinear):
+    """The shared low-rank layer with nested ranks: stored as rank-one components, scaled by α/b at rank b."""
+
+    factor_prefix = "dylora_"
+    supports_rank_choice = True
+
     def __init__(self, base: nn.Linear, max_rank: int, alpha: float, dropout: float, frozen: bool, eval_rank: int):
-        super().__init__(base)
-        w = base.weight
-        a = torch.empty(max_rank, base.in_features, device=w.device, dtype=w.dtype)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.dylora_A = nn.ParameterList([nn.Parameter(a[i : i + 1].clone()) for i in range(max_rank)])
-        self.dylora_B = nn.ParameterList(
-            [nn.Parameter(torch.zeros(base.out_features, 1, device=w.device, dtype=w.dtype)) for _ in range(max_rank)]
-        )
-        self.max_rank = max_rank
+        super().__init__(base, max_rank, alpha / max_rank, dropout)
         self.alpha = alpha
         self.frozen = frozen
-        self.dylora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.train_rank = max_rank  # set each step by the method's hooks
         self.eval_rank = eval_rank
 
+    def create_factors(self, rank: int) -> None:
+        """A Kaiming-uniform over all r_max rows at once (as LoRA's A), then split; B zero, one column each."""
+        w = self.base.weight
+        a = torch.empty(rank, self.base.in_features, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.dylora_A = nn.ParameterList([nn.Parameter(a[i : i + 1].clone()) for i in range(rank)])
+        self.dylora_B = nn.ParameterList(
+            [nn.Parameter(torch.zeros(self.base.out_features, 1, device=w.device, dtype=w.dtype)) for _ in range(rank)]
+        )
+
+    @property
+    def max_rank(self) -> int:
+        return self.rank
+
     def active_rank(self) -> int:
         return self.train_rank if self.training else self.eval_rank
+
+    def scaling_at(self, rank: int) -> float:
+        return self.alpha / rank
 
     def truncated_factors(self, rank: int, frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B[:, :rank], A[:rank])``; with ``frozen`` only the last component keeps its gradient."""
@@ -84,26 +102,18 @@ class DyLoRALinear(AdaptedLinear):
             cols = [p.detach() for p in cols[:-1]] + cols[-1:]
         return torch.cat(cols, dim=1), torch.cat(rows, dim=0)
 
+    def factor_weights(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, A)`` at ``rank`` leading components (default: the evaluation rank), unscaled."""
+        return self.truncated_factors(self.eval_rank if rank is None else rank)
+
     def factor_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The full ``(B, A)`` of rank r_max, as a LoRA would store them (no scaling)."""
         return self.truncated_factors(self.max_rank)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def low_rank_update(self, h: torch.Tensor) -> torch.Tensor:
         rank = self.active_rank()
         b, a = self.truncated_factors(rank, frozen=self.frozen and self.training)
-        return self.base(x) + F.linear(F.linear(self.dylora_dropout(x), a), b) * (self.alpha / rank)
-
-    def delta_weight(self) -> torch.Tensor:
-        b, a = self.truncated_factors(self.eval_rank)
-        return (self.alpha / self.eval_rank) * (b @ a)
-
-    def low_rank_factors(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) at ``rank`` (default: the evaluation rank) with ΔW = B @ A (scaling α/rank folded into B)."""
-        rank = self.eval_rank if rank is None else rank
-        if not 1 <= rank <= self.max_rank:
-            raise ValueError(f"dylora rank {rank} must lie in 1..{self.max_rank}")
-        b, a = self.truncated_factors(rank)
-        return (self.alpha / rank) * b, a
+        return F.linear(F.linear(h, a), b) * self.scaling_at(rank)
 
 
 @register_method
@@ -129,6 +139,13 @@ class DyLoRA(Method):
     def make_layer(self, base, layer, model):
         cfg: DyLoRAConfig = self.config
         return DyLoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.frozen, self.eval_rank)
+
+    def peft_lora_options(self) -> PeftLoraOptions:
+        """LoRA at the evaluation rank b (scaling α/b): what the layers' factors give by default."""
+        return PeftLoraOptions(r=self.eval_rank, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout)
+
+    def default_export_rank(self) -> int:
+        return self.config.rank
 
     def adapter_param_count(self, model) -> int:
         r = self.config.rank

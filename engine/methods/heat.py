@@ -15,7 +15,8 @@ Scores are ``|·|`` per batch, averaged over the calibration batches (as Michel 
 their adapter slices masked: rows of the q/k/v update, columns of the o update. The mask is a buffer applied
 inside the forward, so a masked head receives exactly zero update and zero gradient.
 
-The adapter under the mask is LoRA (Hu et al. 2021, eq. 3), reused from ``engine.methods.lora``, or a
+The adapter under the mask is LoRA (Hu et al. 2021, eq. 3), reused from ``engine.methods.lora`` (the shared
+low-rank layer of ``engine.methods.lowrank``, with the mask around its update), or a
 per-linear parallel bottleneck ``h = W0 x + b + s · W_up ReLU(W_down x)`` (AdaptFormer's parallel adapter,
 Chen et al. 2022, eq. 5, without the adapter biases and applied to each of q, k, v, o).
 
@@ -40,8 +41,9 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from engine.methods.base import AdaptedLinear, Method, TargetedConfig, TrainContext, register_method
+from engine.methods.base import AdaptedLinear, Method, PeftLoraOptions, TargetedConfig, TrainContext, register_method
 from engine.methods.lora import LoRA, LoRALinear
+from engine.methods.lowrank import LowRankFactors, lora_scaling
 
 HEAD_ROLES = ("q", "k", "v", "o")  # the roles whose weights split by head: rows of q/k/v, columns of o
 
@@ -79,7 +81,7 @@ class HEATConfig(TargetedConfig):
         return v
 
     def lora_scaling(self) -> float:
-        return self.alpha / self.rank
+        return lora_scaling(self.alpha, self.rank)
 
 
 class HeadMask(nn.Module):
@@ -121,27 +123,27 @@ class HeadMaskedLoRALinear(LoRALinear):
         width = base.out_features if head_axis == 0 else base.in_features
         self.heat_mask = HeadMask(num_heads, width, base.weight.device, base.weight.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.lora_dropout(x)
+    def low_rank_update(self, h: torch.Tensor) -> torch.Tensor:
         if self.head_axis == 1:
             h = self.heat_mask(h)
-        update = self.lora_B(self.lora_A(h)) * self.scaling
-        if self.head_axis == 0:
-            update = self.heat_mask(update)
-        return self.base(x) + update
+        update = super().low_rank_update(h)
+        return self.heat_mask(update) if self.head_axis == 0 else update
 
-    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b, a = super().low_rank_factors()
+    def low_rank_factors(self, rank: int | None = None) -> LowRankFactors:
+        """LoRA's factors with the masked heads' rows of B (q/k/v) or columns of A (o) zeroed."""
+        f = super().low_rank_factors(rank)
         m = self.heat_mask.features()
-        return (b * m[:, None], a) if self.head_axis == 0 else (b, a * m[None, :])
+        if self.head_axis == 0:
+            return LowRankFactors(A=f.A, B=f.B * m[:, None], scaling=f.scaling)
+        return LowRankFactors(A=f.A * m[None, :], B=f.B, scaling=f.scaling)
 
     def delta_weight(self) -> torch.Tensor:
-        b, a = self.low_rank_factors()
-        return b @ a
+        f = self.low_rank_factors()
+        return f.scaled_B @ f.A
 
     def head_sliced_parameters(self) -> list[tuple[torch.Tensor, int]]:
         """The tensors whose slices belong to one head, with the axis the heads split."""
-        return [(self.lora_B.weight, 0)] if self.head_axis == 0 else [(self.lora_A.weight, 1)]
+        return [(self.factor_B.weight, 0)] if self.head_axis == 0 else [(self.factor_A.weight, 1)]
 
 
 class HeadMaskedAdapterLinear(AdaptedLinear):
@@ -349,6 +351,14 @@ class HEAT(Method):
         if cfg.base == "lora":
             return HeadMaskedLoRALinear(base, cfg.rank, cfg.lora_scaling(), cfg.dropout, model.info.num_heads, axis)
         return HeadMaskedAdapterLinear(base, cfg.adapter_dim, cfg.adapter_scale, model.info.num_heads, axis)
+
+    def peft_lora_options(self) -> PeftLoraOptions | None:
+        """The LoRA base as PEFT's LoRA (masked heads are zero rows or columns of its factors); the bottleneck
+        base has no LoRA form."""
+        cfg: HEATConfig = self.config
+        if cfg.base != "lora":
+            return None
+        return PeftLoraOptions(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout)
 
     def inject(self, model) -> None:
         if model.info.num_heads < 1:

@@ -203,6 +203,10 @@ class Lily(Method):
         """Only the monoscale ablation without ReLU is a fixed linear map, hence mergeable."""
         return self.config.monoscale and not self._uses_relu()
 
+    def default_export_rank(self) -> int:
+        """ΔW (monoscale) has rank at most d, the width between LPs and HPs: the SVD conversion's first guess."""
+        return self.config.rank
+
     def _uses_relu(self) -> bool:
         cfg: LilyConfig = self.config
         return cfg.mlp_activation == "relu" and any(r in MLP_ROLES for r in cfg.target_roles)

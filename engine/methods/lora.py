@@ -3,17 +3,15 @@
 ``h = W0 x + s · B A dropout(x)``, ``A ∈ R^{r×d_in}`` Kaiming-uniform (a = √5, as nn.Linear and PEFT),
 ``B ∈ R^{d_out×r}`` zero, ``s = α/r`` (rsLoRA: ``α/√r``). Parameters ``r(d_in + d_out)`` per layer.
 Mergeable: ``W = W0 + s B A``. Parameter names (``lora_A.weight``, ``lora_B.weight``) follow PEFT.
+The layer is the shared ``LowRankUpdateLinear`` (``engine/methods/lowrank.py``) under the ``lora_`` names.
 """
 
 from __future__ import annotations
 
-import math
-
-import torch
 from pydantic import Field
-from torch import nn
 
-from engine.methods.base import AdaptedLinear, Method, TargetedConfig, register_method
+from engine.methods.base import Method, PeftLoraOptions, PeftVariant, TargetedConfig, register_method
+from engine.methods.lowrank import LowRankUpdateLinear, lora_scaling
 
 
 class LoRAConfig(TargetedConfig):
@@ -23,29 +21,20 @@ class LoRAConfig(TargetedConfig):
     use_rslora: bool = Field(False, description="rank-stabilised scaling α/√r")
 
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scaling(self.alpha, self.rank, self.use_rslora)
+
+    def peft_lora_options(self, variant: PeftVariant | None = None, init: bool | str = True) -> PeftLoraOptions:
+        """These fields under PEFT's names (the methods built on this config add their variant and init)."""
+        return PeftLoraOptions(
+            r=self.rank, lora_alpha=self.alpha, use_rslora=self.use_rslora, lora_dropout=self.dropout,
+            variant=variant, init=init,
+        )  # fmt: skip
 
 
-class LoRALinear(AdaptedLinear):
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0):
-        super().__init__(base)
-        w = base.weight
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=w.dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.scaling = scaling
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+class LoRALinear(LowRankUpdateLinear):
+    """``LoRALinear(base, rank, scaling, dropout=0.0)``: the shared low-rank layer with PEFT's tensor names."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
-
-    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) with ΔW = B @ A (scaling folded into B): lets analyses avoid a dense SVD."""
-        return self.scaling * self.lora_B.weight, self.lora_A.weight
+    factor_prefix = "lora_"
 
 
 @register_method
@@ -61,6 +50,9 @@ class LoRA(Method):
     def make_layer(self, base, layer, model):
         cfg: LoRAConfig = self.config
         return LoRALinear(base, cfg.rank, cfg.scaling(), cfg.dropout)
+
+    def peft_lora_options(self) -> PeftLoraOptions:
+        return self.config.peft_lora_options()
 
     def adapter_param_count(self, model) -> int:
         r = self.config.rank

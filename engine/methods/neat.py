@@ -109,6 +109,10 @@ class NEAT(Method):
         cfg: NEATConfig = self.config
         return NEATLinear(base, cfg.rank, cfg.scaling, cfg.depth, cfg.activation)
 
+    def default_export_rank(self) -> int:
+        """ΔW has no fixed rank (σ is nonlinear); the hidden width is the natural first guess for an SVD."""
+        return self.config.rank
+
     def adapter_param_count(self, model) -> int:
         r, k = self.config.rank, self.config.depth
         return sum(2 * r * l.module.out_features + 2 * k * r * r for l in self.target_layers(model))

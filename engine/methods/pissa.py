@@ -17,54 +17,32 @@ the matching residual (see ``_load_from_state_dict``).
 
 from __future__ import annotations
 
-import math
-from typing import ClassVar
-
 import torch
 from pydantic import Field
 from torch import nn
 
-from engine.methods.base import AdaptedLinear, Method, register_method
+from engine.methods.base import Method, PeftLoraOptions, register_method
 from engine.methods.lora import LoRAConfig
+from engine.methods.lowrank import LowRankUpdateLinear
 
 # Our attribute names -> PEFT's LoRA names (``pissa_A.weight`` ↔ ``lora_A.<adapter>.weight``). The initial
 # factors have no PEFT counterpart (PEFT writes the residual into the base model instead).
 PEFT_NAMES = {"pissa_A": "lora_A", "pissa_B": "lora_B"}
 
 
-class ResidualLowRankLinear(AdaptedLinear):
+class ResidualLowRankLinear(LowRankUpdateLinear):
     """``y = W_res x + b0 + s B A dropout(x)`` with ``W_res = W0 − s B0 A0`` stored as ``base.weight``.
 
-    Subclasses set ``factor_prefix``; the tensors are ``<prefix>A`` (nn.Linear d_in→r), ``<prefix>B``
-    (nn.Linear r→d_out) and the buffers ``<prefix>initial_A``, ``<prefix>initial_B``. Until
-    ``initialise_from`` is called the layer is a plain LoRA (A Kaiming-uniform, B = 0, ``W_res = W0``).
+    The shared low-rank layer (``engine/methods/lowrank.py``): subclasses set ``factor_prefix``; the tensors are
+    ``<prefix>A`` (nn.Linear d_in→r), ``<prefix>B`` (nn.Linear r→d_out) and the buffers ``<prefix>initial_A``,
+    ``<prefix>initial_B``. Until ``initialise_from`` (the data-driven init hook) is called the layer is a plain
+    LoRA (A Kaiming-uniform, B = 0, ``W_res = W0``). Its ``low_rank_factors()`` are ΔW relative to the residual.
     """
 
-    factor_prefix: ClassVar[str]
-
     def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0):
-        super().__init__(base)
-        w = base.weight
-        factor_a = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
-        factor_b = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=w.dtype)
-        nn.init.kaiming_uniform_(factor_a.weight, a=math.sqrt(5))
-        nn.init.zeros_(factor_b.weight)
-        setattr(self, self.factor_prefix + "A", factor_a)
-        setattr(self, self.factor_prefix + "B", factor_b)
-        self.register_buffer(self.factor_prefix + "initial_A", factor_a.weight.detach().clone())
-        self.register_buffer(self.factor_prefix + "initial_B", factor_b.weight.detach().clone())
-        self.rank = rank
-        self.scaling = scaling
-        self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    # The factors under generic names (the stored names carry the method's prefix).
-    @property
-    def factor_A(self) -> nn.Linear:
-        return getattr(self, self.factor_prefix + "A")
-
-    @property
-    def factor_B(self) -> nn.Linear:
-        return getattr(self, self.factor_prefix + "B")
+        super().__init__(base, rank, scaling, dropout)
+        self.register_buffer(self.factor_prefix + "initial_A", self.factor_A.weight.detach().clone())
+        self.register_buffer(self.factor_prefix + "initial_B", self.factor_B.weight.detach().clone())
 
     @property
     def initial_A(self) -> torch.Tensor:
@@ -73,16 +51,6 @@ class ResidualLowRankLinear(AdaptedLinear):
     @property
     def initial_B(self) -> torch.Tensor:
         return getattr(self, self.factor_prefix + "initial_B")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.factor_B(self.factor_A(self.adapter_dropout(x))) * self.scaling
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.factor_B.weight @ self.factor_A.weight)
-
-    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) with ΔW = B @ A relative to the residual (scaling folded into B)."""
-        return self.scaling * self.factor_B.weight, self.factor_A.weight
 
     def pretrained_weight(self) -> torch.Tensor:
         """The original ``W0 = W_res + s B0 A0`` (``effective_base_weight()`` is the residual ``W_res``)."""
@@ -93,8 +61,7 @@ class ResidualLowRankLinear(AdaptedLinear):
         """Move ``s B A`` out of ``W0``: set A, B (and A0, B0) and the residual ``W0 − s B A``, in place."""
         w0 = self.pretrained_weight().float()
         dtype = self.base.weight.dtype
-        self.factor_A.weight.copy_(factor_a.to(dtype))
-        self.factor_B.weight.copy_(factor_b.to(dtype))
+        self.set_factors(factor_a, factor_b)
         self.initial_A.copy_(factor_a.to(dtype))
         self.initial_B.copy_(factor_b.to(dtype))
         self.base.weight.copy_((w0 - self.scaling * factor_b.float() @ factor_a.float()).to(dtype))
@@ -165,6 +132,10 @@ class PiSSA(Method):
         adapted = PiSSALinear(base, cfg.rank, cfg.scaling(), cfg.dropout)
         adapted.initialise_from(*principal_factors(base.weight, cfg.rank, cfg.scaling(), cfg.svd_niter))
         return adapted
+
+    def peft_lora_options(self) -> PeftLoraOptions:
+        niter = self.config.svd_niter
+        return self.config.peft_lora_options(init="pissa" if niter == 0 else f"pissa_niter_{niter}")
 
     def adapter_param_count(self, model) -> int:
         r = self.config.rank
