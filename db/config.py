@@ -1,7 +1,8 @@
 """Where PEFT Lab keeps its state, configured by environment (the MLflow model).
 
 - ``PEFTLAB_HOME``: local state directory (default ``.peftlab`` in the project root).
-- ``PEFTLAB_DB_URL``: any SQLAlchemy URL (default: a SQLite file in the home directory).
+- ``PEFTLAB_DB_URL``: any SQLAlchemy URL (default: a SQLite file in the home directory), e.g.
+  ``postgresql+psycopg://user:password@host/peftlab`` for a database every node of a cluster reaches.
 - ``PEFTLAB_ARTIFACTS``: artifact root shared by every worker (default: ``artifacts`` in the home).
 - ``PEFTLAB_EXPORTS``: export root of the Export page (default: ``exports`` in the home; the command line's is
   ``engine.export.command_line_export_root``).
@@ -13,6 +14,7 @@ The home and the artifact root are readable by their owner only (mode 0700), and
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -65,11 +67,23 @@ def home_env(path: Path) -> dict[str, str]:
     }
 
 
-def db_location() -> str:
-    """The database URL as shown in messages (a password in it is hidden)."""
+class DatabaseError(RuntimeError):
+    """The database cannot be opened (a bad ``PEFTLAB_DB_URL``, a server that does not answer, a missing driver).
+
+    Its message is one line naming ``PEFTLAB_DB_URL`` (its password hidden) and the fix; the cause is chained.
+    """
+
+
+def hide_password(url: str) -> str:
+    """``url`` as shown in messages: its password replaced by ``***``, even when SQLAlchemy cannot parse it."""
     from sqlalchemy.engine import make_url
 
     try:
-        return make_url(db_url()).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparseable URL is shown as it is set
-        return db_url()
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparseable URL: hide whatever sits between "user:" and "@"
+        return re.sub(r"^((?:[\w+.-]+://)?[^/:@]*:)[^/@]*@", r"\1***@", url)
+
+
+def db_location(url: str | None = None) -> str:
+    """The database URL (``url``, else the configured one) as shown in messages (a password in it is hidden)."""
+    return hide_password(url or db_url())

@@ -108,7 +108,9 @@ class Run(Base):
 
 class Metric(Base):
     __tablename__ = "metrics"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # 64-bit: a busy lab logs billions of rows. On SQLite an INTEGER primary key is the 64-bit rowid already (and
+    # only INTEGER, not BIGINT, makes it the rowid that numbers new rows), so SQLite keeps INTEGER (revision 0004).
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     step: Mapped[int] = mapped_column(Integer)
     key: Mapped[str] = mapped_column(String(100))

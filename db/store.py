@@ -1,12 +1,15 @@
 """Database access: engine creation, schema migrations (alembic, db/migrations), and every query the app, CLI
 and workers use.
 
-Pages, the CLI and the worker never write SQL themselves; they call these functions.
+Pages, the CLI and the worker never write SQL themselves; they call these functions. Every query is portable
+SQLAlchemy (tested on SQLite and PostgreSQL): no dialect's SQL, no value one database stores and another refuses
+(non-finite numbers in JSON, NUL characters in text).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import secrets
@@ -22,7 +25,9 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, delete, event, func, insert, inspect, make_url, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, CursorResult, Engine, Result
+from sqlalchemy.exc import ArgumentError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import config
@@ -50,6 +55,8 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# The PostgreSQL advisory lock that one migrator holds while the others wait (any constant key; ours spells "PEFT").
+PG_MIGRATION_LOCK = 7065667416
 # A database made before alembic has the old hand-written list's schema_version table: its version -> revision.
 LEGACY_REVISIONS = {1: "0001", 2: "0002"}
 
@@ -106,7 +113,7 @@ def _upgrade(conn: Connection, script: ScriptDirectory, head: str) -> str | None
     if conn.dialect.name == "sqlite":
         conn.exec_driver_sql("BEGIN IMMEDIATE")
     elif conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(7065667416)"))
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK})
     before = MigrationContext.configure(conn).get_current_revision()
     if before is None and inspect(conn).has_table("schema_version"):
         legacy = conn.execute(text("SELECT max(version) FROM schema_version")).scalar()
@@ -122,10 +129,27 @@ def _upgrade(conn: Connection, script: ScriptDirectory, head: str) -> str | None
     return before
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN and infinity inside it (dicts, lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_dumps(value: Any) -> str:
+    """The JSON columns' serializer: NaN and infinities are written as null. Standard JSON has no such numbers and
+    PostgreSQL refuses them; SQLite would keep them, so every database stores null and reads back None."""
+    return json.dumps(_finite(value), allow_nan=False)
+
+
 def new_engine(url: str) -> Engine:
-    """An engine for ``url`` with PEFT Lab's settings (SQLite: a private file, WAL, busy timeout, foreign keys),
-    its schema left as it is."""
-    kwargs: dict[str, Any] = {}
+    """An engine for ``url`` with PEFT Lab's settings (SQLite: a private file, WAL, busy timeout, foreign keys;
+    a server: connections checked before use, so one the server closed is replaced), its schema left as it is."""
+    kwargs: dict[str, Any] = {"json_serializer": json_dumps}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         database = make_url(url).database
@@ -138,6 +162,8 @@ def new_engine(url: str) -> Engine:
             for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
                 if file.exists() and file.stat().st_uid == os.getuid() and file.stat().st_mode & 0o777 != 0o600:
                     file.chmod(0o600)
+    else:
+        kwargs["pool_pre_ping"] = True
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -146,9 +172,38 @@ def new_engine(url: str) -> Engine:
 
 @lru_cache(maxsize=8)
 def get_engine(url: str | None = None) -> Engine:
-    engine = new_engine(url or config.db_url())
-    migrate(engine)
+    """The engine of ``url`` (default: ``PEFTLAB_DB_URL``), its schema migrated to the head revision.
+
+    A URL that cannot be parsed, a missing driver or a server that does not answer raise ``config.DatabaseError``:
+    one line naming PEFTLAB_DB_URL, its password hidden.
+    """
+    url = url or config.db_url()
+    try:
+        engine = new_engine(url)
+        migrate(engine)
+    except (ArgumentError, ImportError, OperationalError, InterfaceError) as err:
+        raise _unusable(url, err) from err
     return engine
+
+
+def _unusable(url: str, err: Exception) -> config.DatabaseError:
+    cause = getattr(err, "orig", None) or err  # the driver's own error, without SQLAlchemy's SQL and links
+    lines = str(cause).strip().splitlines() or [type(cause).__name__]
+    reason = lines[0].strip()
+    password = _password(url)
+    if password:
+        reason = reason.replace(password, "***")
+    return config.DatabaseError(
+        f"cannot open the database PEFTLAB_DB_URL={config.db_location(url)} ({reason}): set PEFTLAB_DB_URL to a "
+        "reachable SQLAlchemy URL, e.g. postgresql+psycopg://user:password@host/peftlab"
+    )
+
+
+def _password(url: str) -> str | None:
+    try:
+        return make_url(url).password
+    except ArgumentError:
+        return None
 
 
 @contextmanager
@@ -178,6 +233,29 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         yield session
 
 
+def without_nul(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with NUL characters removed from its strings: PostgreSQL refuses them in text (an error message
+    of a crashed worker may carry one) and no column of ours has a use for them."""
+    return {k: v.replace("\x00", "") if isinstance(v, str) else v for k, v in fields.items()}
+
+
+def insert_ignoring_duplicates(session: Session, table: Any, values: dict[str, Any]) -> None:
+    """Insert a row unless one with the same unique key exists, in the dialect's own way (ON CONFLICT DO NOTHING);
+    another database gets a savepoint that swallows the duplicate. Two writers racing to add it both succeed."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        session.execute(postgresql.insert(table).values(**values).on_conflict_do_nothing())
+        return
+    if dialect == "sqlite":
+        session.execute(sqlite.insert(table).values(**values).on_conflict_do_nothing())
+        return
+    try:
+        with session.begin_nested():
+            session.execute(insert(table).values(**values))
+    except IntegrityError:
+        pass
+
+
 def _rowcount(result: Result[Any]) -> int:
     """Rows an UPDATE or DELETE matched. ``Session.execute`` types its result as Result; for those statements it is
     a CursorResult, which has ``rowcount``."""
@@ -192,13 +270,12 @@ def new_run_id() -> str:
 
 
 def _experiment_id(session: Session, name: str) -> int:
-    exp_id = session.scalar(select(Experiment.id).where(Experiment.name == name))
-    if exp_id is None:
-        exp = Experiment(name=name)
-        session.add(exp)
-        session.flush()
-        exp_id = exp.id
-    return exp_id
+    query = select(Experiment.id).where(Experiment.name == name)
+    exp_id = session.scalar(query)
+    if exp_id is None:  # a new experiment, which another writer may be adding at the same moment
+        insert_ignoring_duplicates(session, Experiment, {"name": name, "created_at": utcnow()})
+        exp_id = session.scalar(query)
+    return cast(int, exp_id)
 
 
 def create_run(
@@ -208,17 +285,19 @@ def create_run(
     """Insert a run row for a validated RunSpec (as a JSON-able dict) and return its id; a study's trial also
     records its study and the searched fields' values."""
     run_id = run_id or new_run_id()
+    columns = without_nul(
+        {"experiment": spec.get("experiment", "default"), "name": spec.get("name"), "model": spec["model"],
+         "dataset": spec["dataset"]["name"], "method": spec["method"]["name"]}
+    )  # fmt: skip
+    experiment = columns.pop("experiment")
     with session_scope() as s:
         s.add(
             Run(
                 id=run_id,
                 study_id=study_id,
                 trial_params=trial_params,
-                experiment_id=_experiment_id(s, spec.get("experiment", "default")),
-                name=spec.get("name"),
-                model=spec["model"],
-                dataset=spec["dataset"]["name"],
-                method=spec["method"]["name"],
+                experiment_id=_experiment_id(s, experiment),
+                **columns,
                 seed=spec["train"]["seed"],
                 tags=list(spec.get("tags", [])),
                 spec=spec,
@@ -254,7 +333,7 @@ def list_runs(
 ) -> list[dict[str, Any]]:
     expire_stale()
     with session_scope() as s:
-        q = select(Run).order_by(Run.created_at.desc())
+        q = select(Run).order_by(Run.created_at.desc(), Run.id.desc())  # the id breaks ties the same everywhere
         if study:
             q = q.where(Run.study_id == study)
         if status:
@@ -273,7 +352,7 @@ def update_run(run_id: str, **fields: Any) -> bool:
     if "status" in fields:
         raise ValueError("update_run does not change a status: use transition()")
     with session_scope() as s:
-        return _rowcount(s.execute(update(Run).where(Run.id == run_id).values(**fields))) > 0
+        return _rowcount(s.execute(update(Run).where(Run.id == run_id).values(**without_nul(fields)))) > 0
 
 
 def transition(
@@ -292,7 +371,7 @@ def transition(
     if of_attempt is not None:
         stmt = stmt.where(Run.attempt == of_attempt)
     with session_scope() as s:
-        return _rowcount(s.execute(stmt.values(status=to, **fields))) > 0
+        return _rowcount(s.execute(stmt.values(status=to, **without_nul(fields)))) > 0
 
 
 def claim(run_id: str, attempt: int, owner: str, device: str) -> bool:
@@ -416,7 +495,7 @@ def get_metrics(run_ids: Sequence[str], keys: Sequence[str] | None = None):
     q = select(Metric.run_id, Metric.step, Metric.key, Metric.value).where(Metric.run_id.in_(list(run_ids)))
     if keys:
         q = q.where(Metric.key.in_(list(keys)))
-    q = q.order_by(Metric.run_id, Metric.key, Metric.step)
+    q = q.order_by(Metric.run_id, Metric.key, Metric.step, Metric.id)
     with get_engine().connect() as conn:
         rows = conn.execute(q).all()
     return pd.DataFrame(rows, columns=["run_id", "step", "key", "value"])
@@ -456,7 +535,7 @@ def add_artifact(run_id: str, kind: str, path: str | Path) -> dict[str, Any]:
 
 def list_artifacts(run_id: str, kind: str | None = None) -> list[dict[str, Any]]:
     with session_scope() as s:
-        q = select(Artifact).where(Artifact.run_id == run_id).order_by(Artifact.created_at)
+        q = select(Artifact).where(Artifact.run_id == run_id).order_by(Artifact.created_at, Artifact.id)
         if kind:
             q = q.where(Artifact.kind == kind)
         return [

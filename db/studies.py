@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import inspect, select, update
 
 from db.schema import Run, Study, utcnow
-from db.store import _rowcount, expire_stale, run_to_dict, session_scope
+from db.store import _rowcount, expire_stale, run_to_dict, session_scope, without_nul
 
 STUDY_TRANSITIONS: dict[str, tuple[str, ...]] = {
     "queued": ("running", "failed", "cancelled"),
@@ -39,8 +39,8 @@ def trial_id(study_id: str, index: int) -> str:
 def create_study(spec: dict[str, Any], n_trials: int, *, study_id: str | None = None) -> str:
     study_id = study_id or new_study_id()
     with session_scope() as s:
-        s.add(Study(id=study_id, name=spec.get("name", "study"), spec=spec, status="queued", n_trials=n_trials,
-                    created_at=utcnow()))  # fmt: skip
+        name = without_nul({"name": spec.get("name", "study")})["name"]
+        s.add(Study(id=study_id, name=name, spec=spec, status="queued", n_trials=n_trials, created_at=utcnow()))
     return study_id
 
 
@@ -58,7 +58,7 @@ def list_studies(limit: int | None = 200) -> list[dict[str, Any]]:
     """Studies, newest first, each with ``counts``: its trials per run status."""
     expire_stale()
     with session_scope() as s:
-        q = select(Study).order_by(Study.created_at.desc())
+        q = select(Study).order_by(Study.created_at.desc(), Study.id.desc())  # the id breaks ties everywhere
         studies = [_to_dict(st) for st in s.scalars(q.limit(limit) if limit else q)]
         rows = s.execute(select(Run.study_id, Run.status).where(Run.study_id.in_([st["id"] for st in studies])))
         counts: dict[str, Counter] = {st["id"]: Counter() for st in studies}
@@ -78,7 +78,11 @@ def set_study_status(study_id: str, to: str, *, only_from: Iterable[str] | None 
     if to == "running":
         fields.setdefault("started_at", utcnow())
     with session_scope() as s:
-        stmt = update(Study).where(Study.id == study_id, Study.status.in_(allowed)).values(status=to, **fields)
+        stmt = (
+            update(Study)
+            .where(Study.id == study_id, Study.status.in_(allowed))
+            .values(status=to, **without_nul(fields))
+        )
         return _rowcount(s.execute(stmt)) > 0
 
 

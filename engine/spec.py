@@ -27,6 +27,11 @@ class SpecError(UserError):
     """A RunSpec that cannot be used; the message names the field and the fix."""
 
 
+# The sizes of the runs table's columns (db.schema) that hold a spec's names: a RunSpec must fit them.
+NAME_MAX_CHARS = 200  # name, experiment
+SOURCE_MAX_CHARS = 300  # model, dataset.name
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -160,6 +165,23 @@ class RunSpec(_Strict):
         if not v.strip():
             raise ValueError("model must name a bundled alias, a hub id, a local directory or timm/<name>")
         return v.strip()
+
+    @model_validator(mode="after")
+    def _fits_the_database(self) -> RunSpec:
+        """Refuse values the runs table cannot hold (db.schema's column sizes), here with the field's name, rather
+        than as a database error when the run is recorded: PostgreSQL refuses a longer string or a seed past 32 bits
+        (SQLite would have kept them)."""
+        for field, value, limit in (
+            ("name", self.name or "", NAME_MAX_CHARS),
+            ("experiment", self.experiment, NAME_MAX_CHARS),
+            ("model", self.model, SOURCE_MAX_CHARS),
+            ("dataset.name", self.dataset.name, SOURCE_MAX_CHARS),
+        ):
+            if len(value) > limit:
+                raise ValueError(f"{field} has {len(value)} characters, at most {limit} fit: shorten it")
+        if not -(2**31) <= self.train.seed < 2**31:
+            raise ValueError(f"train.seed {self.train.seed} does not fit 32 bits: use one from 0 to {2**31 - 1}")
+        return self
 
     @model_validator(mode="after")
     def _method_params_valid(self) -> RunSpec:

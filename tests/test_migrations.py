@@ -70,13 +70,13 @@ def _assert_schema_is_the_model(engine) -> None:
         for name, table in Base.metadata.tables.items():
             assert {c["name"] for c in insp.get_columns(name)} == {c.name for c in table.columns}, name
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert MigrationContext.configure(conn).get_current_revision() == store.head_revision() == "0003"
+        assert MigrationContext.configure(conn).get_current_revision() == store.head_revision() == "0004"
 
 
-def test_new_database_is_made_by_the_revisions(lab_env):
+def test_new_database_is_made_by_the_revisions(db_lab):
     engine = store.get_engine()
     _assert_schema_is_the_model(engine)
-    assert store.migrate(engine) == "0003"  # already at head: nothing to do
+    assert store.migrate(engine) == "0004"  # already at head: nothing to do
     with engine.connect() as conn:
         runs = {c["name"]: c for c in inspect(conn).get_columns("runs")}
     assert not runs["attempt"]["nullable"] and runs["owner"]["nullable"]
@@ -97,7 +97,7 @@ def test_old_database_upgrades_in_place(tmp_path, old):
         run = conn.execute(text("SELECT id, status, attempt, owner FROM runs")).one()
         assert tuple(run) == ("run-old", "succeeded", 1, None)
         assert conn.execute(text("SELECT count(*) FROM metrics WHERE run_id = 'run-old'")).scalar() == 1
-    assert store.migrate(engine) == "0003"
+    assert store.migrate(engine) == "0004"
 
 
 def test_database_of_the_previous_revision_gains_studies_and_keeps_its_runs(tmp_path):
@@ -117,18 +117,50 @@ def test_database_of_the_previous_revision_gains_studies_and_keeps_its_runs(tmp_
         assert conn.execute(text("SELECT count(*) FROM studies")).scalar() == 0
 
 
+def test_database_of_the_previous_revision_gets_64_bit_metric_ids(db_lab):
+    """Revision 0004 widens metrics.id (and, on PostgreSQL, the sequence numbering it) and keeps the rows; after it a
+    metric id past 2**31 is stored and the next row is numbered after it."""
+    from alembic import command
+
+    from db import config
+
+    engine = store.new_engine(config.db_url())
+    with engine.begin() as conn:
+        command.upgrade(store.alembic_config(conn), "0003")
+        for sql in OLD_SCHEMA_1[-3:]:  # an experiment, a run and its metric
+            conn.execute(text(sql))
+    assert store.migrate(engine) == "0003"
+    _assert_schema_is_the_model(engine)
+    big = 2**31 + 10
+    with engine.begin() as conn:
+        conn.execute(
+            text(f"INSERT INTO metrics (id, run_id, step, \"key\", value) VALUES ({big}, 'run-old', 2, 'a', 1)")
+        )
+        if engine.dialect.name == "postgresql":  # an explicit id leaves the sequence behind: move it on
+            conn.execute(text(f"SELECT setval(pg_get_serial_sequence('metrics', 'id'), {big})"))
+    store.get_engine.cache_clear()
+    assert store.log_metrics("run-old", [(3, "a", 2.0)]) == 1
+    with engine.connect() as conn:
+        ids = conn.execute(text("SELECT id FROM metrics WHERE run_id = 'run-old' ORDER BY id")).scalars().all()
+        assert ids == [1, big, big + 1]
+        if engine.dialect.name == "postgresql":
+            sequence = text("SELECT data_type FROM information_schema.sequences WHERE sequence_name = 'metrics_id_seq'")
+            assert conn.execute(sequence).scalar() == "bigint"
+    engine.dispose()
+
+
 def test_newer_database_is_refused(tmp_path):
     engine = _engine(tmp_path)
     store.migrate(engine)
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
-    with pytest.raises(RuntimeError, match=r"^database schema version 0099 is newer than this code \(0003\): update"):
+    with pytest.raises(RuntimeError, match=r"^database schema version 0099 is newer than this code \(0004\): update"):
         store.migrate(engine)
 
 
 def test_newer_old_style_database_is_refused(tmp_path):
     engine = _engine(tmp_path, [*OLD_SCHEMA_1, *OLD_SCHEMA_2, "INSERT INTO schema_version VALUES (3, '2025-03-01')"])
-    with pytest.raises(RuntimeError, match=r"^database schema version 3 is newer than this code \(0003\): update"):
+    with pytest.raises(RuntimeError, match=r"^database schema version 3 is newer than this code \(0004\): update"):
         store.migrate(engine)
     with engine.connect() as conn:
         assert inspect(conn).has_table("schema_version") and not inspect(conn).has_table("alembic_version")
@@ -142,14 +174,14 @@ def test_a_revision_that_copies_a_table_keeps_the_rows_referencing_it(tmp_path, 
     migrations = shutil.copytree(
         store.MIGRATIONS_DIR, tmp_path / "migrations", ignore=shutil.ignore_patterns("__pycache__")
     )
-    (migrations / "versions" / "0004_copy_runs.py").write_text(
-        "import sqlalchemy as sa\nfrom alembic import op\n\nrevision = '0004'\ndown_revision = '0003'\n\n\n"
+    (migrations / "versions" / "0005_copy_runs.py").write_text(
+        "import sqlalchemy as sa\nfrom alembic import op\n\nrevision = '0005'\ndown_revision = '0004'\n\n\n"
         "def upgrade():\n    with op.batch_alter_table('runs', recreate='always') as batch:\n"
         "        batch.alter_column('name', existing_type=sa.String(200), type_=sa.String(250))\n"
     )
     monkeypatch.setattr(store, "MIGRATIONS_DIR", migrations)
-    assert store.migrate(engine) == "0003"
+    assert store.migrate(engine) == "0004"
     with engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0004"
+        assert MigrationContext.configure(conn).get_current_revision() == "0005"
         assert conn.execute(text("SELECT count(*) FROM metrics WHERE run_id = 'run-old'")).scalar() == 1
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
