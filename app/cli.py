@@ -20,6 +20,7 @@ from typing import Any
 
 from app.spec_args import SPEC_COMMANDS, spec_from_args
 from db import config, store
+from db.config import DatabaseError
 from db.schema import RESUMABLE_STATUSES
 from engine.errors import UserError
 
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             return SPEC_FUNCS[argv[0]](argparse.Namespace(spec=spec, **vars(options)))
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except UserError as err:  # bad input or an unusable environment: one line, no traceback
+    except (UserError, DatabaseError) as err:  # bad input or an unusable environment: one line, no traceback
         return _fail(" ".join(str(err).splitlines()))
     except ConnectionError as err:  # a Ray cluster (RAY_ADDRESS) that does not answer
         reason = " ".join(str(err).split())

@@ -32,4 +32,13 @@ available = [st.Page(p, title=t, icon=i) for p, t, i in ANALYSIS_PAGES if (Path(
 if available:
     PAGES["Analyses"] = available
 
+from db import store  # noqa: E402
+from db.config import DatabaseError  # noqa: E402
+
+try:  # an unusable PEFTLAB_DB_URL is one line on every page, not a traceback
+    store.get_engine()
+except DatabaseError as err:
+    st.error(str(err))
+    st.stop()
+
 st.navigation(PAGES).run()
