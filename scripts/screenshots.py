@@ -56,7 +56,19 @@ def views(runs: dict[str, list[str]], model: str) -> list[tuple[str, str]]:
     for method in ("heat", "pear", "lily"):
         if first(method):
             pages.append((f"importance_{method}", f"importance?run={first(method)}"))
+    study = pick_study()
+    if study:
+        pages.append(("study", f"study?study={study}"))
     return pages
+
+
+def pick_study() -> str | None:
+    """The finished study with the most trials, those with an ASHA scheduler first (they show stopped trials)."""
+    from db import studies
+
+    done = [s for s in studies.list_studies() if s["status"] == "succeeded"]
+    ranked = sorted(done, key=lambda s: ("asha" in str(s["spec"].get("scheduler")), s["n_trials"]), reverse=True)
+    return ranked[0]["id"] if ranked else None
 
 
 def settle(page, quiet_s: float = 1.0, timeout_s: float = 120.0) -> None:
