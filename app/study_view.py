@@ -35,8 +35,9 @@ def _plain(value: Any) -> Any:
 
 
 def searched_fields(table: pd.DataFrame, metric: str) -> list[str]:
+    """The fields the trials differ in (a single seed, say, is not worth an axis)."""
     fixed = {"trial", "status", metric, "progress", "error", "detail"}
-    return [c for c in table.columns if c not in fixed]
+    return [c for c in table.columns if c not in fixed and table[c].astype(str).nunique() > 1]
 
 
 def _axis(values: pd.Series, label: str) -> dict[str, Any]:

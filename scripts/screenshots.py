@@ -107,6 +107,9 @@ def shoot(url: str, out: Path, only: set[str] | None, model: str) -> list[Path]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         page = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}).new_page()
+        page.goto(url)  # the home page first: it sets up the navigation that deep links then use
+        page.locator('[data-testid="stMain"] h1').first.wait_for(timeout=120_000)
+        settle(page)
         for name, path in views(newest_by_method(model), model):
             if only and name not in only:
                 continue

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -163,3 +164,25 @@ def test_asha_stops_the_poor_learning_rates_early_and_keeps_their_metrics(ray_la
     )
     report = study_report(study_id)
     assert report["counts"]["stopped"] >= 2 and report["best"]["params"]["train.lr"] in (3e-3, 2e-3)
+
+
+def _trial(index: int, status: str, lr: float, accuracy: float | None) -> dict:
+    final = {} if accuracy is None else {"eval_accuracy": accuracy}
+    return {"id": f"study-x-t{index:03d}", "status": status, "summary": {"final_metrics": final}, "progress": 1.0,
+            "error": None, "trial_params": {"train.lr": lr, "train.seed": 0}}  # fmt: skip
+
+
+def test_study_views_plot_the_fields_trials_differ_in_and_grey_the_stopped():
+    from app.study_view import parallel_coordinates, sensitivity, trials_table
+
+    trials = [_trial(0, "succeeded", 1e-4, 0.41), _trial(1, "stopped", 1e-3, 0.35), _trial(2, "succeeded", 1e-2, 0.55),
+              _trial(3, "running", 3e-3, None)]  # fmt: skip
+    table = trials_table(trials, "eval_accuracy")
+    assert table["trial"].tolist() == [0, 1, 2, 3] and pd.isna(table.loc[3, "eval_accuracy"])
+    dims = parallel_coordinates(table, "eval_accuracy").data[0].dimensions
+    assert [d.label for d in dims] == ["log10 train.lr", "eval_accuracy"]  # one seed only: no seed axis
+    assert list(dims[0].values) == pytest.approx([-4, -3, -2])  # the running trial has no metric yet
+    (fig,) = sensitivity(table, "eval_accuracy")
+    assert fig.layout.xaxis.type == "log"
+    by_name = {trace.name: list(trace.y) for trace in fig.data}
+    assert by_name == {"finished": [0.41, 0.55], "stopped early": [0.35]}

@@ -45,13 +45,15 @@ def progress() -> None:
     spec = study["spec"]
     metric, mode = spec.get("metric", "eval_accuracy"), spec.get("mode", "max")
     counts = pd.Series([t["status"] for t in trials], dtype=str).value_counts()
-    done = int(sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled")))
-    c = st.columns(5)
-    c[0].metric("study", study["status"])
-    c[1].metric("done", f"{done} / {study['n_trials']}")
-    c[2].metric("running", int(counts.get("running", 0)))
-    c[3].metric("stopped early", int(counts.get("stopped", 0)))
-    c[4].metric("queued", int(counts.get("queued", 0)) + max(0, study["n_trials"] - len(trials)))
+    done = int(sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled", "stopped")))
+    st.caption(f"Study {study['status']} · search {spec.get('search', 'grid')} · scheduler "
+               f"{'ASHA' if 'asha' in str(spec.get('scheduler')) else 'FIFO'} · at most "
+               f"{spec.get('max_concurrent')} trials at a time")  # fmt: skip
+    c = st.columns(4)
+    c[0].metric("finished", f"{done} / {study['n_trials']}")
+    c[1].metric("running", int(counts.get("running", 0)))
+    c[2].metric("stopped early", int(counts.get("stopped", 0)))
+    c[3].metric("queued", int(counts.get("queued", 0)) + max(0, study["n_trials"] - len(trials)))
     if study["error"]:
         st.warning(study["error"])
     best = best_trial(study_id)
