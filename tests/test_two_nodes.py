@@ -8,9 +8,11 @@ may stay running; Tune retries the trials it had on the remaining node, where th
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -25,14 +27,41 @@ from tests.conftest import tiny_spec, wait_for
 pytestmark = pytest.mark.slow
 
 
+@contextmanager
+def token_auth():
+    """Token authentication for this process's Ray client and the nodes it starts, undone afterwards. Ray reads
+    its auth mode once per process, so the cached config and token are reloaded on both edges."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    names = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                   "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 @pytest.fixture()
-def two_nodes(pg_lab, monkeypatch):
+def two_nodes(pg_lab):
+    with token_auth():
+        yield from _two_nodes()
+
+
+def _two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
                                                             "include_dashboard": False})  # fmt: skip
     worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
