@@ -7,7 +7,9 @@ user's database is never touched; the environment is restored afterwards.
   ``jobs.runs.submit_run`` to the run's first ``train_loss`` row in the database (tiny-bert, ``log_every`` 1),
   split into submit → worker running (the run's ``started_at``) and worker running → first step; and, in the
   same repetitions, the same run started as a plain ``python -m jobs.worker`` process, to separate what Ray
-  adds from the worker's own start-up (Python imports, model and data). The head is stopped at the end.
+  adds from the worker's own start-up (Python imports, model and data). On the local head runs start warm (a
+  worker forked by ``jobs.warm``), so Ray's figure can be below the plain process's; ``PEFTLAB_WARM_START=0``
+  measures cold starts. The head is stopped at the end.
 * ``ui``: 1,000 runs × 1,000 metric points; those of the first runs (all of them in full mode) go through
   ``db.store.log_metrics`` in batches of 500 (the worker's ``DBReporter`` flushes about that many at a time):
   the ingestion rate. Then the Runs page (``app/pages/runs.py``) executed server-side by
@@ -154,7 +156,8 @@ def bench_ray(reps: int) -> list[Figure]:
                extra={"samples": ray_samples}),
         Figure(group, "same run as a plain worker process (no Ray)", direct_s, "s", spread=direct_spread,
                reps=reps, detail=f"medians: start → worker running {direct_to_worker:.2f} s (Python imports); "
-                                 f"Ray adds {ray_s - direct_s:.2f} s",
+                                 f"Ray (warm start unless PEFTLAB_WARM_START=0) "
+                                 f"{ray_s - direct_s:+.2f} s",
                extra={"samples": direct_samples}),
         Figure(group, "local Ray head start", head_s, "s",
                detail=f"then the warm-up job, submit → succeeded, {warm_s:.1f} s", extra={"warm_job_s": warm_s}),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from db import config
 from engine.errors import UserError
+from jobs import warm_client
 
 STARTUP_TIMEOUT_S = 90
 QUEUE_TIMEOUT_S = 7 * 24 * 3600  # how long a submitted run may wait in Ray's queue for free CPUs/GPUs
@@ -139,6 +140,7 @@ def start_local_head(num_cpus: int | None = None, num_gpus: int | None = None) -
         return dashboard_address()
     state = _read_state()
     if state and _alive(state["pid"]) and _responds(5):
+        warm_client.ensure_server(until_pid=state["pid"])
         ensure_keeper()
         return state["dashboard"]
     if state:
@@ -179,6 +181,8 @@ def start_local_head(num_cpus: int | None = None, num_gpus: int | None = None) -
     env.pop("RAY_AUTH_TOKEN", None)
     log = open(ray_dir() / "head.log", "ab")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # The warm server imports torch while the head comes up, so the first run starts warm (jobs.warm).
+    warm_client.ensure_server(until_pid=proc.pid)
     address = f"http://127.0.0.1:{dash_port}"
     state_file().write_text(json.dumps({"pid": proc.pid, "dashboard": address, "gcs_port": gcs_port}))
     if not _responds(STARTUP_TIMEOUT_S):
@@ -201,6 +205,7 @@ def stop_local_head(reason: str = "the local Ray head was stopped (python -m job
     from db import store
     from jobs.runs import job_id
 
+    warm_client.stop_server()
     state = _read_state()
     if not state or not _alive(state["pid"]):
         state_file().unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from db import config, store
 from db.schema import RESUMABLE_STATUSES, utcnow
 from engine.errors import UserError
 from engine.spec import RunSpec, parse_spec
-from jobs import cluster
+from jobs import cluster, warm_client
 
 # Code shipped to remote clusters with the job (the local head imports it from the project root).
 UPLOAD_EXCLUDES = [".venv", ".git", ".peftlab", "tests/artifacts", "**/__pycache__", "docs/*.png", "*.safetensors"]
@@ -68,11 +68,17 @@ def submit_job(retry_s: float = 60.0, **kwargs: Any) -> str:
             time.sleep(1.0)
 
 
+def entrypoint_module() -> str:
+    """What a run's Ray job runs: on the local head the warm client (``jobs.warm_client``: a worker forked from a
+    server with torch already imported, else the cold worker), elsewhere the worker itself."""
+    return "jobs.warm_client" if cluster.is_local() and warm_client.enabled() else "jobs.worker"
+
+
 def _submit_attempt(run_id: str, attempt: int, spec: RunSpec) -> None:
-    """Hand one attempt to Ray. ``exec`` makes the worker the direct child of Ray's job supervisor, so the worker's
-    watchdog sees the supervisor go."""
+    """Hand one attempt to Ray. ``exec`` makes the entrypoint the direct child of Ray's job supervisor, so the
+    worker's watchdog sees the supervisor go (the warm client exits then, and its forked worker sees that)."""
     submit_job(
-        entrypoint=f"exec {worker_python()} -m jobs.worker --run-id {run_id} --attempt {attempt}",
+        entrypoint=f"exec {worker_python()} -m {entrypoint_module()} --run-id {run_id} --attempt {attempt}",
         submission_id=job_id(run_id, attempt),
         entrypoint_num_cpus=spec.resources.num_cpus,
         entrypoint_num_gpus=spec.resources.num_gpus,

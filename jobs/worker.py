@@ -32,6 +32,7 @@ from engine.train import Cancelled, Diverged, pick_device, train
 
 GRACE_S = 15.0  # after the watchdog asks the loop to stop, it exits the process itself if the loop has not
 HEAD_MISSES = 3  # consecutive failed connections to the Ray head before the worker gives up on it
+SUPERVISOR_POLL_S = 0.2  # how often a forked worker looks at its warm client (a /proc read, not each step)
 
 
 class Watchdog(threading.Thread):
@@ -43,10 +44,19 @@ class Watchdog(threading.Thread):
     marked lost but that is still the run's current attempt takes the run back.
     """
 
-    def __init__(self, run_id: str, attempt: int, log, *, parent_pid: int | None, head: tuple[str, int] | None):
+    def __init__(
+        self, run_id: str, attempt: int, log, *, parent_pid: int | None, head: tuple[str, int] | None,
+        supervisor_pid: int | None = None,
+    ):  # fmt: skip
         super().__init__(name=f"watchdog-{run_id}", daemon=True)
         self.run_id, self.attempt, self.log = run_id, attempt, log
         self.parent_pid, self.head = parent_pid, head
+        # A worker forked by the warm server (jobs.warm) is not the supervisor's child: it watches the process that
+        # stands for it in Ray (the warm client) by pid instead, a /proc read at most every SUPERVISOR_POLL_S.
+        self.supervisor_pid = supervisor_pid
+        self._supervisor = _process(supervisor_pid) if supervisor_pid is not None else None
+        self._supervisor_gone = supervisor_pid is not None and self._supervisor is None
+        self._supervisor_checked = 0.0
         self.stop_reason: str | None = None
         self.progress: float | None = None
         self._done = threading.Event()
@@ -65,7 +75,18 @@ class Watchdog(threading.Thread):
                 return
 
     def orphaned(self) -> bool:
-        """The process that started this worker (Ray's job supervisor) is gone: one system call, checked each step."""
+        """The process that started this worker (Ray's job supervisor, or the warm client that stands for it) is
+        gone: one system call, checked each step."""
+        if self.supervisor_pid is not None:
+            now = time.monotonic()
+            if (
+                self._supervisor is not None
+                and not self._supervisor_gone
+                and (now - self._supervisor_checked >= SUPERVISOR_POLL_S)
+            ):
+                self._supervisor_checked = now
+                self._supervisor_gone = not _running(self._supervisor)
+            return self._supervisor_gone
         return self.parent_pid is not None and os.getppid() != self.parent_pid
 
     def check(self) -> None:
@@ -101,6 +122,21 @@ class Watchdog(threading.Thread):
 
     def close(self) -> None:
         self._done.set()
+
+
+def _process(pid: int) -> psutil.Process | None:
+    """The process with this pid, remembered with its start time (so a reused pid is not mistaken for it)."""
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -212,12 +248,15 @@ def _startup(reporter: DBReporter) -> dict[str, float]:
 def execute(
     run_id: str, *, attempt: int | None = None, echo: bool = True, parent_pid: int | None = None,
     on_eval: OnEval | None = None, node_id: str | None = None, started: float | None = None,
+    supervisor_pid: int | None = None,
 ) -> dict:  # fmt: skip
     """Run one attempt of a run recorded in the database (its current attempt by default); returns the run row.
 
     ``on_eval`` is called after each evaluation is stored (a study's trial reports it to its scheduler, which may
     raise ``StoppedEarly``); ``node_id`` is the Ray node recorded with the attempt; ``started`` (epoch seconds,
-    default now) is when the attempt began, for its ``startup_s``."""
+    default now) is when the attempt began, for its ``startup_s``. The attempt is orphaned when this process's
+    parent is no longer ``parent_pid`` or, for a worker forked by the warm server, when the process
+    ``supervisor_pid`` (its warm client) is gone."""
     run = store.get_run(run_id)
     if run is None:
         raise UserError(
@@ -240,7 +279,8 @@ def execute(
     except BaseException:
         reporter.close()
         raise
-    watchdog = Watchdog(run_id, attempt, reporter.log, parent_pid=parent_pid, head=_ray_head())
+    watchdog = Watchdog(run_id, attempt, reporter.log, parent_pid=parent_pid, head=_ray_head(),
+                        supervisor_pid=supervisor_pid)  # fmt: skip
     reporter.watchdog = watchdog
     watchdog.start()
     try:
@@ -290,14 +330,19 @@ def execute(
     return _row(run_id)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, supervisor_pid: int | None = None, started: float | None = None) -> int:
+    """The worker process: its parent is Ray's job supervisor, or (forked by ``jobs.warm``) ``supervisor_pid`` is
+    the warm client that Ray started, and ``started`` that client's start."""
     parser = argparse.ArgumentParser(prog="python -m jobs.worker")
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--attempt", type=int, help="the attempt to run (default: the run's current one)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_terminated)  # Ray's stop_job sends SIGTERM first
-    started = psutil.Process().create_time()  # start-up counts from the process's start: imports included
-    final = execute(args.run_id, attempt=args.attempt, parent_pid=os.getppid(), started=started)
+    if started is None:
+        started = psutil.Process().create_time()  # start-up counts from the process's start: imports included
+    parent_pid = None if supervisor_pid is not None else os.getppid()
+    final = execute(args.run_id, attempt=args.attempt, parent_pid=parent_pid, started=started,
+                    supervisor_pid=supervisor_pid)  # fmt: skip
     return 0 if final["status"] in ("succeeded", "cancelled") else 1
 
 
