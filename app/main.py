@@ -15,18 +15,18 @@ st.set_page_config(page_title="PEFT Lab", page_icon="🧪", layout="wide")
 
 PAGES = {
     "Experiments": [
-        st.Page("pages/launch.py", title="Launch", icon="🚀", default=True),
-        st.Page("pages/runs.py", title="Runs", icon="📋"),
-        st.Page("pages/study.py", title="Studies", icon="🔬"),
-        st.Page("pages/run_detail.py", title="Run detail", icon="🔎"),
+        st.Page("views/launch.py", title="Launch", icon="🚀", default=True),
+        st.Page("views/runs.py", title="Runs", icon="📋"),
+        st.Page("views/study.py", title="Studies", icon="🔬"),
+        st.Page("views/run_detail.py", title="Run detail", icon="🔎"),
     ],
 }
 ANALYSIS_PAGES = [
-    ("pages/compare.py", "Compare", "⚖️"),
-    ("pages/spectra.py", "Spectra", "📈"),
-    ("pages/importance.py", "Importance", "🎯"),
-    ("pages/landscape.py", "Landscape", "🏔️"),
-    ("pages/export.py", "Export", "📦"),
+    ("views/compare.py", "Compare", "⚖️"),
+    ("views/spectra.py", "Spectra", "📈"),
+    ("views/importance.py", "Importance", "🎯"),
+    ("views/landscape.py", "Landscape", "🏔️"),
+    ("views/export.py", "Export", "📦"),
 ]
 available = [st.Page(p, title=t, icon=i) for p, t, i in ANALYSIS_PAGES if (Path(__file__).parent / p).exists()]
 if available:

@@ -12,7 +12,7 @@ user's database is never touched; the environment is restored afterwards.
   measures cold starts. The head is stopped at the end.
 * ``ui``: 1,000 runs × 1,000 metric points; those of the first runs (all of them in full mode) go through
   ``db.store.log_metrics`` in batches of 500 (the worker's ``DBReporter`` flushes about that many at a time):
-  the ingestion rate. Then the Runs page (``app/pages/runs.py``) executed server-side by
+  the ingestion rate. Then the Runs page (``app/views/runs.py``) executed server-side by
   ``streamlit.testing.v1.AppTest`` against that database.
 """
 
@@ -35,7 +35,7 @@ from bench.common import Figure
 from db import config, store
 from db.schema import utcnow
 
-RUNS_PAGE = config.PROJECT_ROOT / "app" / "pages" / "runs.py"
+RUNS_PAGE = config.PROJECT_ROOT / "app" / "views" / "runs.py"
 
 
 @contextmanager

@@ -92,8 +92,8 @@ def lab(seeded_lab, monkeypatch):
 
 
 def open_page(page: str, run: str | None = None) -> AppTest:
-    """A fresh session on ``app/pages/<page>.py`` (optionally with ``?run=``), run once, without exceptions."""
-    at = AppTest.from_file(str(APP / "pages" / f"{page}.py"), default_timeout=120)
+    """A fresh session on ``app/views/<page>.py`` (optionally with ``?run=``), run once, without exceptions."""
+    at = AppTest.from_file(str(APP / "views" / f"{page}.py"), default_timeout=120)
     if run is not None:
         at.query_params["run"] = run
     return rerun(at)
@@ -147,7 +147,7 @@ def test_page_on_an_empty_database_says_so(lab_env, page):
 def test_navigation_lists_the_analysis_pages(lab):
     at = AppTest.from_file(str(APP / "main.py"), default_timeout=120)
     for page, title in (("compare", "Compare runs"), ("export", "Export")):
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"views/{page}.py")
         rerun(at)
         assert title in at.title[0].value
 
@@ -189,7 +189,7 @@ def test_compare_pareto_curves_table_and_bars(lab):
     assert sorted(rerun(at).dataframe[0].value.index) == sorted(heads)
 
     # A shared link opens with its filters and grouping (unknown values are dropped).
-    linked = AppTest.from_file(str(APP / "pages" / "compare.py"), default_timeout=120)
+    linked = AppTest.from_file(str(APP / "views" / "compare.py"), default_timeout=120)
     linked.query_params.update({"method": "lora,no-such-method", "group": "name"})
     rerun(linked)
     assert linked.multiselect(key="f_method").value == ["lora"] and linked.selectbox(key="group").value == "name"

@@ -39,11 +39,11 @@ def offline_lab(lab_env, monkeypatch):
 
 
 def open_page(page: str, run: str | None = None) -> AppTest:
-    """A fresh session of the app on ``pages/<page>.py`` (optionally with ``?run=``), run once."""
+    """A fresh session of the app on ``views/<page>.py`` (optionally with ``?run=``), run once."""
     at = AppTest.from_file(str(MAIN_SCRIPT), default_timeout=60)
     if run is not None:
         at.query_params["run"] = run
-    at.switch_page(f"pages/{page}.py")
+    at.switch_page(f"views/{page}.py")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at

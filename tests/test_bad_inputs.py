@@ -227,7 +227,7 @@ def open_launch(clone: str | None = None) -> AppTest:
     at = AppTest.from_file(str(MAIN_SCRIPT), default_timeout=120)
     if clone is not None:
         at.query_params["clone"] = clone
-    at.switch_page("pages/launch.py")
+    at.switch_page("views/launch.py")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at

@@ -128,7 +128,7 @@ def test_app_cli_imports_no_streamlit():
 
 def open_launch() -> AppTest:
     at = AppTest.from_file(str(MAIN_SCRIPT), default_timeout=120)
-    at.switch_page("pages/launch.py")
+    at.switch_page("views/launch.py")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at

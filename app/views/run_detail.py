@@ -59,7 +59,7 @@ def detail() -> None:
         cancel_run(run_id)
         st.rerun()
     resume_button(run, key="resume_detail")
-    st.page_link("pages/launch.py", label="Clone into Launch", icon="🧬", query_params={"clone": run_id},
+    st.page_link("views/launch.py", label="Clone into Launch", icon="🧬", query_params={"clone": run_id},
                  help="Open the Launch form pre-filled with this run's spec")  # fmt: skip
     if run["error"]:
         st.error(run["error"])

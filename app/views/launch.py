@@ -35,7 +35,7 @@ if st.radio("Mode", ["Single runs", "Study"], horizontal=True, key="launch_mode"
     study_id = study_form(show_yaml=True)
     if study_id:
         st.success(f"Launched study {study_id}")
-        st.page_link("pages/study.py", label="Follow it on the Studies page", icon="🔬")
+        st.page_link("views/study.py", label="Follow it on the Studies page", icon="🔬")
     st.stop()
 
 
@@ -183,7 +183,7 @@ if clicked and not problems:
             st.error(f"{spec.method.name}: submission failed: {err}")
     if launched:
         st.success(f"Launched {len(launched)} run(s): " + ", ".join(launched))
-        st.page_link("pages/runs.py", label="Watch them on the Runs page", icon="📋")
+        st.page_link("views/runs.py", label="Watch them on the Runs page", icon="📋")
 
 with st.expander("RunSpec YAML of this form (one per method and seed)"):
     if problems:
