@@ -358,13 +358,15 @@ def train(
                 eval_time += time.perf_counter() - t1
                 reporter.log_metrics(step, final)
                 reporter.log(f"step {step}/{total_steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+            # Stop before a checkpoint: one written after the run stopped being this attempt's would be ahead of
+            # the metrics the database kept, and a resume from it would leave a gap in the curves.
+            if reporter.should_stop():
+                raise Cancelled(f"stopped at step {step}")
             due = cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
             if step < total_steps and (due or time.monotonic() - last_checkpoint >= cfg.checkpoint_every_s):
                 at_epoch_end = step % steps_per_epoch == 0
                 checkpoint(epoch + 1 if at_epoch_end else epoch)
                 last_checkpoint = time.monotonic()
-            if reporter.should_stop():
-                raise Cancelled(f"stopped at step {step}")
         checkpoint(epoch + 1)  # every epoch end
         last_checkpoint = time.monotonic()
         if step >= total_steps:

@@ -11,6 +11,7 @@ period) when its run row, its Ray job's supervisor or its head says it should no
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -98,17 +99,27 @@ class Watchdog(threading.Thread):
                 return self.abandon(f"the Ray head at {self.head[0]}:{self.head[1]} stopped answering")
         if store.heartbeat(self.run_id, self.progress, attempt=self.attempt):
             return None
+        self.reclaim()
+
+    def reclaim(self) -> bool:
+        """The run refused this attempt's heartbeat or metrics: take it back if it was only marked lost while this
+        attempt stalled (True), else stop (False) with the reason the row gives."""
         run = store.get_run(self.run_id)
         if run is None:
-            return self.request_stop("the run was deleted")
+            self.request_stop("the run was deleted")
+            return False
         if run["attempt"] != self.attempt:
-            return self.request_stop(f"attempt {run['attempt']} took the run over")
+            self.request_stop(f"attempt {run['attempt']} took the run over")
+            return False
         if run["status"] == "lost" and store.transition(
             self.run_id, "running", of_attempt=self.attempt, only_from=("lost",), error=None
         ):
             self.log("watchdog: the run was marked lost while this attempt stalled; it heartbeats again")
-            return None
-        return self.request_stop(f"the run is {run['status']}: {run['error'] or 'no reason recorded'}")
+            return True
+        if run["status"] == "running":  # ours again (another thread took it back first)
+            return True
+        self.request_stop(f"the run is {run['status']}: {run['error'] or 'no reason recorded'}")
+        return False
 
     def abandon(self, reason: str) -> None:
         """Stop, and mark the attempt lost (retryable) if it is still ours."""
@@ -188,7 +199,14 @@ class DBReporter:
         self.watchdog: Watchdog | None = None
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        store.log_metrics(self.run_id, [(step, k, float(v)) for k, v in metrics.items()], attempt=self.attempt)
+        rows = [(step, k, float(v)) for k, v in metrics.items()]
+        stored = store.log_metrics(self.run_id, rows, attempt=self.attempt)
+        if stored == 0 and self.watchdog is not None and any(not math.isnan(v) for _, _, v in rows):
+            # The row refused them. Either the run was only marked lost while this attempt stalled (take it back,
+            # log again), or it is no longer this attempt's (cancelled, taken over): then the watchdog stops the
+            # loop before anything else is written, above all a checkpoint past the last stored metric.
+            if self.watchdog.reclaim():
+                store.log_metrics(self.run_id, rows, attempt=self.attempt)
         if self.startup_s is None and "train_loss" in metrics:
             self.startup_s = round(time.time() - self.started, 3)
             self.log(f"first training step {self.startup_s:.2f} s after the attempt started")

@@ -186,3 +186,18 @@ def test_study_views_plot_the_fields_trials_differ_in_and_grey_the_stopped():
     assert fig.layout.xaxis.type == "log"
     by_name = {trace.name: list(trace.y) for trace in fig.data}
     assert by_name == {"finished": [0.41, 0.55], "stopped early": [0.35]}
+
+
+@pytest.mark.slow
+def test_optuna_search_records_each_proposal_as_a_trial_run_within_the_space(ray_lab):
+    space = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "method.rank": {"choice": [2, 4]}}
+    study_id = submit_study(study(space=space, search="optuna", num_samples=4, max_concurrent=2, sample_seed=3))
+    assert wait_for(lambda: _finished(study_id), timeout=600)["status"] == "succeeded"
+    trials = db_studies.trial_runs(study_id)
+    assert len(trials) == 4 and [t["status"] for t in trials] == ["succeeded"] * 4
+    assert len({t["id"] for t in trials}) == 4  # one run per proposal, numbered by Tune's trial index
+    for t in trials:  # Optuna's proposal is the trial's spec, inside the space
+        lr, rank = t["trial_params"]["train.lr"], t["trial_params"]["method.rank"]
+        assert 1e-4 <= lr <= 1e-2 and rank in (2, 4)
+        assert t["spec"]["train"]["lr"] == lr and t["spec"]["method"]["rank"] == rank
+    assert best_trial(study_id)["run_id"] in {t["id"] for t in trials}
