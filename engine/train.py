@@ -62,8 +62,10 @@ class MemoryReporter:
         self.progress = progress
 
     def should_stop(self) -> bool:
+        """True once a step after ``stop_after_step`` is logged: that step, its checkpoint included, is done (as a
+        cancel that lands after it would find it), and the loop stops before the next checkpoint."""
         last = max((s for s, _, _ in self.metrics), default=0)
-        return self.stop_after_step is not None and last >= self.stop_after_step
+        return self.stop_after_step is not None and last > self.stop_after_step
 
     def log(self, message: str) -> None:
         self.messages.append(message)

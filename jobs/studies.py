@@ -8,7 +8,10 @@ its study id and the values of the searched fields.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+from sqlalchemy.exc import IntegrityError
 
 from db import config, store
 from db import studies as db_studies
@@ -30,16 +33,37 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def record_trial(study_id: str, study: StudySpec, index: int, params: dict[str, Any]) -> str:
+def record_trial(study_id: str, study: StudySpec, index: int, params: dict[str, Any], tags: Sequence[str] = ()) -> str:
     """Record one trial as a queued run (or find it, if an earlier attempt of the driver did); returns its id."""
     run_id = db_studies.trial_id(study_id, index)
     if store.get_run(run_id) is None:
         assert study.spec is not None
         spec = trial_spec(study.spec, params).model_dump(mode="json")
         spec["name"] = _trial_name(study, index, params)
-        spec["tags"] = [*spec.get("tags", []), f"study:{study_id}"]
+        spec["tags"] = [*spec.get("tags", []), f"study:{study_id}", *tags]
         store.create_run(spec, executor=EXECUTOR, run_id=run_id, study_id=study_id, trial_params=params)
     return run_id
+
+
+def record_proposal(study_id: str, study: StudySpec, params: dict[str, Any], tune_trial_id: str) -> str:
+    """A search algorithm's proposal (Optuna) as the study's next trial, numbered in the order proposals start; a
+    retry of the same Tune trial finds the run recorded the first time (by its ``tune-trial:`` tag)."""
+    tag = f"tune-trial:{tune_trial_id}"
+    for _ in range(100):  # proposals starting at once race for the next number: the loser takes the one after
+        trials = db_studies.trial_runs(study_id)
+        mine = [t["id"] for t in trials if tag in (t["tags"] or [])]
+        if mine:
+            return mine[0]
+        try:
+            run_id = db_studies.trial_id(study_id, len(trials))
+            assert study.spec is not None
+            spec = trial_spec(study.spec, params).model_dump(mode="json")
+            spec["name"] = _trial_name(study, len(trials), params)
+            spec["tags"] = [*spec.get("tags", []), f"study:{study_id}", tag]
+            return store.create_run(spec, executor=EXECUTOR, run_id=run_id, study_id=study_id, trial_params=params)
+        except IntegrityError:
+            continue
+    raise RuntimeError(f"study {study_id}: could not number the trial of Tune trial {tune_trial_id}")
 
 
 # How long a reused trial actor waits for the previous trial to wind down (seconds, as Tune reads it).

@@ -27,7 +27,7 @@ from db import studies as db_studies
 from db.schema import FINAL_STATUSES
 from engine.spec import parse_spec
 from engine.study import Domain, StudySpec
-from jobs.studies import fail_study, record_trial
+from jobs.studies import fail_study, record_proposal
 from jobs.worker import StoppedEarly, execute
 
 
@@ -41,10 +41,9 @@ def run_trial(config_: dict[str, Any]) -> None:
     study = StudySpec.model_validate(db_studies.get_study(study_id)["spec"])  # type: ignore[index]
     if "run_id" in config_:
         run_id = config_["run_id"]
-    else:  # Optuna: the searched values are the config; Tune's trial number is the trial's
+    else:  # Optuna: the searched values are the config; the trial is numbered when it starts
         params = {k: v for k, v in config_.items() if k != "study_id"}
-        index = int(tune.get_context().get_trial_id().rsplit("_", 1)[-1])
-        run_id = record_trial(study_id, study, index, params)
+        run_id = record_proposal(study_id, study, params, tune.get_context().get_trial_id())
     run = store.get_run(run_id)
     if run is None or run["status"] in FINAL_STATUSES:
         return  # cancelled before it started, or finished by an earlier attempt
