@@ -201,7 +201,8 @@ def test_a_server_with_stale_code_steps_aside_and_the_run_starts_cold(ray_lab):
     old = warm_server()
     source = ROOT / "jobs" / "warm_client.py"
     stat = source.stat()
-    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as if the file had just been edited
+    newest = max(f.stat().st_mtime_ns for d in warm_client.SOURCE_DIRS for f in (ROOT / d).rglob("*.py"))
+    os.utime(source, ns=(stat.st_atime_ns, newest + 10**9))  # as if the file had just been edited, after any other
     try:
         run_id = submit_run(tiny_spec(train={"max_steps": 3}))
         run = wait_for(lambda: final(run_id), timeout=300)
