@@ -109,18 +109,26 @@ def _mapping(path: str, text: str, problems: list[str]) -> dict[str, Any]:
     return value
 
 
+def _bundled_or_other(
+    field: SpecField, start: Any, bundled: dict[str, str], other: str, other_label: str, other_key: str
+) -> str:
+    """A selectbox of the bundled choices (with their descriptions) plus ``other``, which asks for a name in a text
+    input; returns the choice or the name typed (empty if none yet)."""
+    options = [*bundled, other]
+    choice = st.selectbox(
+        field.title, options, index=options.index(start if start in bundled else other), key=field.path,
+        format_func=lambda c: c if c == other else f"{c}: {bundled[c]}", help=field.description,
+    )  # fmt: skip
+    if choice != other:
+        return choice
+    return st.text_input(other_label, "" if start in bundled else start, key=other_key).strip()
+
+
 def model_widget(field: SpecField, start: Any, problems: list[str]) -> str:
     """A bundled model, or any other by name or path."""
     from engine.models import BUNDLED
 
-    options = [*BUNDLED, CUSTOM_MODEL]
-    choice = st.selectbox(
-        field.title, options, index=options.index(start if start in BUNDLED else CUSTOM_MODEL), key=field.path,
-        format_func=lambda m: m if m == CUSTOM_MODEL else f"{m}: {BUNDLED[m]}", help=field.description,
-    )  # fmt: skip
-    if choice != CUSTOM_MODEL:
-        return choice
-    name = st.text_input("Model name or path", "" if start in BUNDLED else start, key="custom_model").strip()
+    name = _bundled_or_other(field, start, BUNDLED, CUSTOM_MODEL, "Model name or path", "custom_model")
     if not name:
         problems.append("model: enter a hub id, a local directory or timm/<name>")
     return name
@@ -130,14 +138,7 @@ def dataset_widget(field: SpecField, start: Any, problems: list[str]) -> str:
     """A bundled dataset, or a .csv/.jsonl file by path."""
     from engine.data import BUNDLED
 
-    options = [*BUNDLED, FILE_DATASET]
-    choice = st.selectbox(
-        field.title, options, index=options.index(start if start in BUNDLED else FILE_DATASET), key=field.path,
-        format_func=lambda d: d if d == FILE_DATASET else f"{d}: {BUNDLED[d]}", help=field.description,
-    )  # fmt: skip
-    if choice != FILE_DATASET:
-        return choice
-    path = st.text_input("CSV/JSONL path", "" if start in BUNDLED else start, key="data_path").strip()
+    path = _bundled_or_other(field, start, BUNDLED, FILE_DATASET, "CSV/JSONL path", "data_path")
     if not path:
         problems.append("dataset.name: enter the path of a .csv or .jsonl file")
     return path

@@ -184,3 +184,43 @@ def tiny_spec(**overrides) -> dict:
         else:
             spec[key] = value
     return spec
+
+
+# --- what the fault tests read of a run ------------------------------------------------------------
+
+
+def long_spec(steps: int = 240, **train) -> dict:
+    """tiny-bert on 16 × ``steps`` tweets, one metric row per step, a checkpoint every 25 steps."""
+    return tiny_spec(dataset={"max_train": 16 * steps}, train={"checkpoint_every_steps": 25, "log_every": 1} | train)
+
+
+def worker_pid(run_id: str) -> int:
+    """The pid of the run's live attempt, from its owner (host:pid, then " attempt k" for retries)."""
+    from db import store
+
+    return int(store.get_run(run_id)["owner"].split(":", 1)[1].split()[0])
+
+
+def last_step(run_id: str) -> int:
+    from db import store
+
+    steps = store.get_metrics([run_id], keys=["train_loss"])["step"]
+    return int(steps.max()) if len(steps) else 0
+
+
+def final(run_id: str):
+    """The run's row once it has ended (succeeded, failed or cancelled), else None."""
+    from db import store
+
+    run = store.get_run(run_id)
+    return run if run["status"] in ("succeeded", "failed", "cancelled") else None
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie counts)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -25,7 +25,7 @@ from db.schema import LOST_AFTER_S
 from engine.train import CHECKPOINT_FILE
 from jobs import cluster
 from jobs.runs import cancel_run, resume_run, submit_run
-from tests.conftest import ROOT, tiny_spec, wait_for
+from tests.conftest import ROOT, final, gone, last_step, long_spec, wait_for, worker_pid
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -33,30 +33,10 @@ DETECT_S = 30.0  # the issue's bound: a dead worker is noticed within this
 STEPS = 600  # tiny-bert runs ~100 steps/s on an idle core: long enough that a fault lands mid-run
 
 
-def long_spec(steps: int = 240, **train) -> dict:
-    """tiny-bert on 16 × ``steps`` tweets, one metric row per step, a checkpoint every 25 steps."""
-    return tiny_spec(dataset={"max_train": 16 * steps}, train={"checkpoint_every_steps": 25, "log_every": 1} | train)
-
-
 def record(fault: str, **facts) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with open(ARTIFACTS / "faults.jsonl", "a") as f:
         f.write(json.dumps({"fault": fault} | facts) + "\n")
-
-
-def worker_pid(run_id: str) -> int:
-    owner = store.get_run(run_id)["owner"]  # host:pid, then " attempt k" for retries
-    return int(owner.split(":", 1)[1].split()[0])
-
-
-def last_step(run_id: str) -> int:
-    steps = store.get_metrics([run_id], keys=["train_loss"])["step"]
-    return int(steps.max()) if len(steps) else 0
-
-
-def final(run_id: str):
-    run = store.get_run(run_id)
-    return run if run["status"] in ("succeeded", "failed", "cancelled") else None
 
 
 def assert_curve_joins(run_id: str, steps: int) -> None:
@@ -68,13 +48,6 @@ def assert_curve_joins(run_id: str, steps: int) -> None:
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           env=env or os.environ.copy(), timeout=120)  # fmt: skip
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 # --- a worker dies ---------------------------------------------------------------------------------

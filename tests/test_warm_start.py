@@ -22,34 +22,9 @@ from db import config, store
 from jobs import cluster, warm_client
 from jobs.runs import cancel_run, entrypoint_module, submit_run
 from jobs.worker import SUPERVISOR_POLL_S, Watchdog
-from tests.conftest import ROOT, tiny_spec, wait_for
+from tests.conftest import ROOT, final, gone, last_step, long_spec, tiny_spec, wait_for, worker_pid
 
 DETECT_S = 30.0  # as in test_faults: a dead worker, or a dead job process, is noticed within this
-
-
-def long_spec(steps: int) -> dict:
-    return tiny_spec(dataset={"max_train": 16 * steps}, train={"checkpoint_every_steps": 25, "log_every": 1})
-
-
-def worker_pid(run_id: str) -> int:
-    return int(store.get_run(run_id)["owner"].split(":", 1)[1].split()[0])
-
-
-def last_step(run_id: str) -> int:
-    steps = store.get_metrics([run_id], keys=["train_loss"])["step"]
-    return int(steps.max()) if len(steps) else 0
-
-
-def final(run_id: str):
-    run = store.get_run(run_id)
-    return run if run["status"] in ("succeeded", "failed", "cancelled") else None
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def warm_server() -> int:
