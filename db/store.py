@@ -13,6 +13,9 @@ import json
 import math
 import os
 import secrets
+import sqlite3
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -47,8 +50,19 @@ from db.schema import (
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (UI reads while workers log)
     cur.execute("PRAGMA busy_timeout=30000")  # several workers write: wait instead of failing
+    # Readers never block the writer (UI reads while workers log). WAL is a property of the file, set once; the
+    # switch needs the file to itself, and SQLite answers "locked" at once (no waiting) when connections opening
+    # a new database together all try it: whoever loses finds it done, or tries again.
+    for attempt in range(50):
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
     cur.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; much faster commits
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
@@ -170,6 +184,10 @@ def new_engine(url: str) -> Engine:
     return engine
 
 
+# Threads of one process asking for the first engine at once would each open and migrate the database.
+_ENGINE_LOCK = threading.Lock()
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str | None = None) -> Engine:
     """The engine of ``url`` (default: ``PEFTLAB_DB_URL``), its schema migrated to the head revision.
@@ -178,11 +196,12 @@ def get_engine(url: str | None = None) -> Engine:
     one line naming PEFTLAB_DB_URL, its password hidden.
     """
     url = url or config.db_url()
-    try:
-        engine = new_engine(url)
-        migrate(engine)
-    except (ArgumentError, ImportError, OperationalError, InterfaceError) as err:
-        raise _unusable(url, err) from err
+    with _ENGINE_LOCK:
+        try:
+            engine = new_engine(url)
+            migrate(engine)
+        except (ArgumentError, ImportError, OperationalError, InterfaceError) as err:
+            raise _unusable(url, err) from err
     return engine
 
 
