@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -10,12 +11,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
+from engine.errors import UserError
+
 if TYPE_CHECKING:
     from engine.models import TaskModel
 
 
-class Backend:
-    """One model library behind the ``TaskModel`` interface. Subclass, set the attributes, register.
+class Backend(ABC):
+    """One model library behind the ``TaskModel`` interface. Subclass, set the attributes, implement the abstract
+    methods (loading, forward), register; merged save/load are optional.
 
     ``name`` is what ``TaskModel.kind`` holds and what export metadata stores, so it never changes.
     """
@@ -40,12 +44,14 @@ class Backend:
         """Whether a transformers config (a hub id or a local directory) is this backend's."""
         return False
 
+    @abstractmethod
     def load(self, name: str, num_labels: int, options: dict[str, Any], trust_remote_code: bool) -> TaskModel:
-        raise NotImplementedError(f"backend {self.name} cannot load {name!r}")
+        """The model ``name`` with a fresh ``num_labels`` head, as a ``TaskModel``."""
 
     # -- running ---------------------------------------------------------------------------------
+    @abstractmethod
     def forward(self, model: TaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """The logits of a batch."""
 
     def match_role(self, module_name: str) -> tuple[str, int] | None:
         """(role, block) of an adaptable linear from its dotted name, None when it is not one."""
@@ -63,8 +69,9 @@ class Backend:
     def save_merged(
         self, model: TaskModel, directory: Path, *, labels: list[str], lab_model: str, options: dict[str, Any]
     ) -> list[str]:
-        """Save a merged (plain) model into ``directory``; returns notes for the model card."""
-        raise NotImplementedError(f"backend {self.name} has no merged format")
+        """Save a merged (plain) model into ``directory``; returns notes for the model card. A backend without a
+        merged layout keeps this refusal (merged export is optional)."""
+        raise UserError(f"model backend {self.name} has no merged format: export the native or PEFT format instead")
 
     def merged_card(self) -> list[str]:
         """Model-card lines that show how to load a merged export."""

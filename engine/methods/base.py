@@ -26,6 +26,7 @@ this contract, so adding a method never adds a branch elsewhere:
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
@@ -187,7 +188,7 @@ class AdaptedLinear(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("base.")]
 
 
-class LowRankLinear(AdaptedLinear):
+class LowRankLinear(AdaptedLinear, metaclass=ABCMeta):
     """An adapted layer whose ΔW is a low-rank product it can give without a dense SVD (LoRA, PiSSA, DyLoRA...).
 
     ``low_rank_factors(rank)`` returns ``LowRankFactors`` (A, B, scaling) with ``ΔW = scaling · B A`` exactly;
@@ -198,8 +199,9 @@ class LowRankLinear(AdaptedLinear):
 
     rank: int
 
-    def low_rank_factors(self, rank: int | None = None) -> LowRankFactors:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def low_rank_factors(self, rank: int | None = None) -> LowRankFactors:
+        """``ΔW = scaling · B A`` as factors, at ``rank`` leading components when given (see the class doc)."""
 
     def check_rank_choice(self, rank: int | None) -> None:
         """Refuse a rank the layer cannot give: any rank without rank choice, else one outside 1..stored."""

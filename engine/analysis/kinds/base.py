@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import typing
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ class AnalysisInputs:
     artifacts: dict[str, Path | None] = field(default_factory=dict)
 
 
-class Analysis:
+class Analysis(ABC):
     """One analysis kind; see the module docstring. Subclasses set the class attributes and ``compute``."""
 
     kind: ClassVar[str]
@@ -71,14 +72,14 @@ class Analysis:
         """The files written under ``folder``, the JSON one last."""
         return [folder / f"{self.stem(params)}{suffix}" for suffix in self.suffixes]
 
-    def check(self, inputs: AnalysisInputs) -> None:
+    def check(self, inputs: AnalysisInputs) -> None:  # noqa: B027 - an optional hook: no check by default
         """Raise ``AnalysisError`` when the run lacks what this kind needs (before any lookup or computation)."""
 
+    @abstractmethod
     def compute(
         self, inputs: AnalysisInputs, params: Any, record: dict[str, Any], json_path: Path, progress: Progress
     ) -> None:
         """Compute and write the files of ``files``; ``record`` goes into the JSON file (see ``stored_record``)."""
-        raise NotImplementedError
 
     def stored_record(self, json_path: Path) -> dict[str, Any] | None:
         """The reuse record (params, inputs) a stored JSON file was computed with, or None."""
