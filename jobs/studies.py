@@ -33,16 +33,21 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def record_trial(study_id: str, study: StudySpec, index: int, params: dict[str, Any], tags: Sequence[str] = ()) -> str:
+def _create_trial(study_id: str, study: StudySpec, index: int, params: dict[str, Any], tags: Sequence[str]) -> str:
+    """Insert trial ``index`` as a queued run (its spec: the base with ``params`` applied); IntegrityError if the
+    number is taken."""
+    assert study.spec is not None
+    spec = trial_spec(study.spec, params).model_dump(mode="json")
+    spec["name"] = _trial_name(study, index, params)
+    spec["tags"] = [*spec.get("tags", []), f"study:{study_id}", *tags]
+    run_id = db_studies.trial_id(study_id, index)
+    return store.create_run(spec, executor=EXECUTOR, run_id=run_id, study_id=study_id, trial_params=params)
+
+
+def record_trial(study_id: str, study: StudySpec, index: int, params: dict[str, Any]) -> str:
     """Record one trial as a queued run (or find it, if an earlier attempt of the driver did); returns its id."""
     run_id = db_studies.trial_id(study_id, index)
-    if store.get_run(run_id) is None:
-        assert study.spec is not None
-        spec = trial_spec(study.spec, params).model_dump(mode="json")
-        spec["name"] = _trial_name(study, index, params)
-        spec["tags"] = [*spec.get("tags", []), f"study:{study_id}", *tags]
-        store.create_run(spec, executor=EXECUTOR, run_id=run_id, study_id=study_id, trial_params=params)
-    return run_id
+    return run_id if store.get_run(run_id) is not None else _create_trial(study_id, study, index, params, ())
 
 
 def record_proposal(study_id: str, study: StudySpec, params: dict[str, Any], tune_trial_id: str) -> str:
@@ -55,12 +60,7 @@ def record_proposal(study_id: str, study: StudySpec, params: dict[str, Any], tun
         if mine:
             return mine[0]
         try:
-            run_id = db_studies.trial_id(study_id, len(trials))
-            assert study.spec is not None
-            spec = trial_spec(study.spec, params).model_dump(mode="json")
-            spec["name"] = _trial_name(study, len(trials), params)
-            spec["tags"] = [*spec.get("tags", []), f"study:{study_id}", tag]
-            return store.create_run(spec, executor=EXECUTOR, run_id=run_id, study_id=study_id, trial_params=params)
+            return _create_trial(study_id, study, len(trials), params, [tag])
         except IntegrityError:
             continue
     raise RuntimeError(f"study {study_id}: could not number the trial of Tune trial {tune_trial_id}")
