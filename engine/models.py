@@ -81,6 +81,7 @@ class ModelInfo:
     image_size: int | None = None
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_interpolation: str = "bilinear"  # how the backbone's images are resized (timm data config, HF processor)
     source: str = ""  # where the weights came from
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -102,10 +103,14 @@ class TaskModel(nn.Module):
 
     # -- preprocessing ---------------------------------------------------------------------------
     def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw images in [0, 1] (N, 3, h, w) -> the backbone's input size and normalisation."""
+        """Images (N, 3, h, w), uint8 or floats in [0, 1] -> the backbone's input size and normalisation. Data
+        encoded for this model (``engine.data.ImagePrep``) is at its size already; other sizes are resized here."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
         size = self.info.image_size
         if size and images.shape[-1] != size:
-            images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+            mode = "bicubic" if self.info.image_interpolation == "bicubic" else "bilinear"
+            images = nn.functional.interpolate(images, size=(size, size), mode=mode, align_corners=False)
         return (images - self._mean) / self._std
 
     @property

@@ -21,6 +21,7 @@ from engine.errors import UserError
 SECTIONS = ("model", "data", "method", "training", "resources")
 Schedule = Literal["linear", "cosine", "constant"]
 Device = Literal["auto", "cpu", "cuda"]
+DataTask = Literal["auto", "classification", "regression", "multiple_choice"]
 
 
 class SpecError(UserError):
@@ -46,7 +47,14 @@ class DatasetSpec(_Strict):
     """The data: which dataset, how much of it, and how it is split (the form's "data" section)."""
 
     name: str = Field("tweets-sentiment", title="Dataset",
-                      description="bundled name (tweets-sentiment, digits) or a .csv/.jsonl path")  # fmt: skip
+                      description="bundled name (tweets-sentiment, digits), a .csv/.jsonl/.parquet/.arrow file, a "
+                      "save_to_disk or image-folder directory, or a hub dataset id")  # fmt: skip
+    config: str | None = Field(None, title="hub config", json_schema_extra=_meta(advanced=True),
+                               description="the dataset's configuration (a GLUE task: cola, sst2, ...)")  # fmt: skip
+    split: str = Field("train", title="train split", json_schema_extra=_meta(advanced=True),
+                       description="split to train on (slices as in datasets: train[:800])")  # fmt: skip
+    eval_split: str | None = Field(None, title="eval split", json_schema_extra=_meta(advanced=True),
+                                   description="split to evaluate on (None: eval_fraction of the train split)")  # fmt: skip
     max_train: int | None = Field(2000, ge=1, title="max train examples",
                                   description="cap on training examples (None, or 0 in the form: all)")  # fmt: skip
     max_eval: int | None = Field(500, ge=1, title="max eval examples",
@@ -57,10 +65,23 @@ class DatasetSpec(_Strict):
     split_seed: int = Field(0, title="split seed", json_schema_extra=_meta(advanced=True),
                             description="seed of the train/eval split (kept fixed across training seeds)")  # fmt: skip
     text_column: str = Field("text", title="text column", json_schema_extra=_meta(advanced=True),
-                             description="column of a .csv/.jsonl file that holds the text")  # fmt: skip
+                             description="column that holds the text (the question of multiple-choice data)")  # fmt: skip
     label_column: str = Field("label", title="label column", json_schema_extra=_meta(advanced=True),
-                              description="column of a .csv/.jsonl file that holds the label: integer class ids or "
-                              "class names")  # fmt: skip
+                              description="column that holds the label: class ids or names, a number for "
+                              "regression, the answer of multiple-choice data")  # fmt: skip
+    text_pair_column: str | None = Field(None, title="text pair column", json_schema_extra=_meta(advanced=True),
+                                         description="second text of sentence-pair tasks (encoded as the tokenizer's "
+                                         "pair)")  # fmt: skip
+    image_column: str = Field("image", title="image column", json_schema_extra=_meta(advanced=True),
+                              description="column of a table dataset that holds the images")  # fmt: skip
+    choices_column: str = Field("choices", title="choices column", json_schema_extra=_meta(advanced=True),
+                                description="column of multiple-choice data that holds the list of choices")  # fmt: skip
+    task: DataTask = Field("auto", title="task", json_schema_extra=_meta(advanced=True),
+                           description="auto: regression for decimal labels of a typed source, else classification; "
+                           "multiple_choice: question, choices, answer")  # fmt: skip
+    metric: str | None = Field(None, title="headline metric", json_schema_extra=_meta(advanced=True),
+                               description="the metric a run is judged by (None: eval_accuracy for classification, "
+                               "eval_pearson for regression)")  # fmt: skip
 
 
 class MethodSpec(BaseModel):

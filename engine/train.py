@@ -26,7 +26,8 @@ from torch import nn
 from engine.artifacts import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG_FILE  # re-exported: callers import it here
 from engine.artifacts import ADAPTER_FILE as ADAPTER_FILE
 from engine.artifacts import save_adapter
-from engine.data import DataBundle, iterate_batches, load_data, read_raw
+from engine.data import DataBundle, ImagePrep, iterate_batches, load_data, read_raw
+from engine.metrics import compute as compute_metrics
 from engine.methods import Method, TrainContext, build_method
 from engine.models import TaskModel, count_parameters, load_model
 from engine.spec import RunSpec
@@ -110,6 +111,9 @@ class TrainResult:
     timings: dict[str, float]
     artifacts: dict[str, str]  # kind -> path
     majority_rate: float
+    task: str = "classification"  # "classification" | "regression"
+    label_names: list[str] = field(default_factory=list)  # the classes, in the order of the head's outputs
+    headline_metric: str = "eval_accuracy"  # what the run is judged by (the dataset spec's metric, or the task's)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,15 +146,16 @@ def prepare(spec: RunSpec) -> Prepared:
     if spec.train.num_threads:
         torch.set_num_threads(spec.train.num_threads)
     raw = read_raw(spec.dataset)
-    model = load_model(
-        spec.model, len(raw.label_names), options=spec.model_options, trust_remote_code=spec.trust_remote_code
-    )
+    outputs = 1 if raw.task == "regression" else len(raw.label_names)  # regression: one output, MSE loss
+    model = load_model(spec.model, outputs, options=spec.model_options, trust_remote_code=spec.trust_remote_code)
     if model.info.modality != raw.modality:
         raise ValueError(
             f"model {spec.model!r} is a {model.info.modality} model but dataset {spec.dataset.name!r} is "
             f"{raw.modality}: pick a matching pair (e.g. minilm-l6 with tweets-sentiment, tiny-vit with digits)"
         )
-    data = load_data(spec.dataset, model.tokenizer, raw)
+    info = model.info
+    image = ImagePrep(info.image_size, info.image_interpolation) if info.image_size else None
+    data = load_data(spec.dataset, model.tokenizer, raw, image=image)
     torch.manual_seed(spec.train.seed)  # adapter init depends on the seed only, not on loading order
     method = build_method(spec.method.name, spec.method.params)
     method.apply(model)
@@ -173,24 +178,32 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's loss and the model's outputs: cross-entropy on class ids, or the mean squared error of the one
+    output when the labels are regression targets (floats)."""
     logits = model(batch)
+    if batch["labels"].is_floating_point():
+        return nn.functional.mse_loss(logits.float().squeeze(-1), batch["labels"].float()), logits
     return nn.functional.cross_entropy(logits.float(), batch["labels"]), logits
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split, batch_size: int, device: torch.device) -> dict[str, float]:
+    """``eval_loss`` and the task's metrics (``engine.metrics``) on a split."""
     was_training = model.training
     model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
+    loss_sum, n, outputs, labels = 0.0, 0, [], []
     for batch in iterate_batches(split, batch_size, shuffle=False):
         batch = to_device(batch, device)
         loss, logits = classification_loss(model, batch)
         k = len(batch["labels"])
         loss_sum += float(loss) * k
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        outputs.append(logits.float().cpu())
+        labels.append(batch["labels"].cpu())
         n += k
     model.train(was_training)
-    return {"eval_loss": loss_sum / max(n, 1), "eval_accuracy": correct / max(n, 1)}
+    y, out = torch.cat(labels).numpy(), torch.cat(outputs).numpy()
+    task = "regression" if split.tensors["labels"].is_floating_point() else "classification"
+    return {"eval_loss": loss_sum / max(n, 1), **compute_metrics(task, out, y, num_classes=out.shape[-1])}
 
 
 def make_optimizer(model: nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
@@ -407,4 +420,5 @@ def train(
         adapter_params=method.adapter_param_count(model),
         device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
         steps=step, timings=timings, artifacts=artifacts, majority_rate=data.majority_rate(),
+        task=data.task, label_names=list(data.label_names), headline_metric=data.metric,
     )  # fmt: skip

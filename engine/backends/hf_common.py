@@ -53,7 +53,8 @@ class HFBackend(Backend):
     role_patterns = HF_ROLE_PATTERNS
     supports_peft = True
 
-    def wrap(self, net, num_labels, name, source, missing, tokenizer=None, image_size=None, mean=None, std=None):
+    def wrap(self, net, num_labels, name, source, missing, tokenizer=None, image_size=None, mean=None, std=None,
+             interpolation="bilinear"):  # fmt: skip
         from engine.models import ModelInfo, TaskModel
 
         cfg = net.config
@@ -71,6 +72,7 @@ class HFBackend(Backend):
             image_size=image_size,
             image_mean=tuple(mean) if mean is not None else (0.5, 0.5, 0.5),
             image_std=tuple(std) if std is not None else (0.5, 0.5, 0.5),
+            image_interpolation=interpolation,
             source=str(source),
         )
         return TaskModel(net, info, self.name, tokenizer)

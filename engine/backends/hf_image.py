@@ -14,6 +14,20 @@ if TYPE_CHECKING:
     from engine.models import TaskModel
 
 
+# PIL's resampling filters by number, as HF image processors store them (``resample``)
+PIL_INTERPOLATIONS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def processor_size(size: Any) -> int | None:
+    """The square input size of an HF image processor's ``size`` ({height, width}, {shortest_edge} or an int)."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        value = size.get("height") or size.get("shortest_edge")
+        return int(value) if value else None
+    return None
+
+
 @register_backend
 class HFImageBackend(HFBackend):
     name = "hf-image"
@@ -49,14 +63,17 @@ class HFImageBackend(HFBackend):
             output_loading_info=True,
             weights_only=True,  # a pickled checkpoint is read without running code
         )
-        size, mean, std = getattr(net.config, "image_size", 224), None, None
+        size, mean, std, interpolation = getattr(net.config, "image_size", 224), None, None, "bilinear"
         try:
             proc = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
             mean, std = proc.image_mean, proc.image_std
-        except (OSError, ValueError):
+            size = processor_size(getattr(proc, "size", None)) or size
+            interpolation = PIL_INTERPOLATIONS.get(int(getattr(proc, "resample", 2) or 2), "bilinear")
+        except (OSError, ValueError, TypeError):
             pass  # no processor config saved: keep the 0.5/0.5 normalisation ViT uses
         missing = loading["missing_keys"] + [k for k, *_ in loading.get("mismatched_keys", [])]
-        return self.wrap(net, num_labels, name, name, missing, image_size=size, mean=mean, std=std)
+        return self.wrap(net, num_labels, name, name, missing, image_size=size, mean=mean, std=std,
+                         interpolation=interpolation)  # fmt: skip
 
     def forward(self, model: TaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model.net(pixel_values=model.preprocess_images(batch["images"])).logits

@@ -56,4 +56,5 @@ class HFTextBackend(HFBackend):
         return self.wrap(net, num_labels, name, path_or_id, loading["missing_keys"], tokenizer=tok)
 
     def forward(self, model: TaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        pair = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}  # sentence pairs
+        return model.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **pair).logits

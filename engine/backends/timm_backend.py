@@ -105,6 +105,7 @@ class TimmBackend(Backend):
             image_size=size,
             image_mean=tuple(cfg.get("mean", (0.5, 0.5, 0.5))),
             image_std=tuple(cfg.get("std", (0.5, 0.5, 0.5))),
+            image_interpolation=str(cfg.get("interpolation", "bicubic")),  # timm's data config
             source=source,
         )
         return TaskModel(net, info, self.name)
