@@ -39,7 +39,7 @@ from engine.spec import DatasetSpec
 
 __all__ = [
     "BUNDLED", "DataBundle", "DataError", "ImagePrep", "RawData", "Source", "Split", "iterate_batches", "load_data",
-    "read_raw", "register_source", "split_indices", "tweets_csv_path",
+    "read_raw", "register_source", "source_stamp", "split_indices", "tweets_csv_path",
 ]  # fmt: skip
 
 BUNDLED = {
@@ -223,7 +223,7 @@ def _cached(key: tuple, build: Callable[[], Any]) -> Any:
     return value
 
 
-def _stamp(name: str) -> tuple:
+def source_stamp(name: str) -> tuple:
     """A cheap identity of a local source's version (no reading); hub datasets are versioned by ``datasets``."""
     path = Path(name).expanduser()
     if path.is_file():
@@ -235,7 +235,7 @@ def _stamp(name: str) -> tuple:
 
 
 def _read_key(spec: DatasetSpec) -> tuple:
-    stamps = (_stamp(spec.name), _stamp(spec.eval_split) if spec.eval_split else ())
+    stamps = (source_stamp(spec.name), source_stamp(spec.eval_split) if spec.eval_split else ())
     return ("raw", spec.model_dump_json(include=READ_FIELDS), *stamps)
 
 

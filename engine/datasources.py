@@ -272,6 +272,8 @@ def _load_error(name: str, spec: DatasetSpec, split: str, field: str, err: Value
     text = " ".join(str(err).split())
     listed = re.search(r"\[([^\]]*)\]", text)
     options = listed.group(1).replace("'", "") if listed else ""
+    if "corresponds to no data" in text:
+        return f"{field}: {split!r} of {name} is empty: pick a split (or slice) that holds examples"
     if "Config name is missing" in text:
         return f"dataset.config: {name} has several configs ({options}): set dataset.config to one of them"
     if "BuilderConfig" in text or "config" in text.lower() and spec.config and spec.config in text:
@@ -293,7 +295,7 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def is_image_folder(root: Path) -> bool:
-    return any(_images_in(d) for d in _class_dirs(root))
+    return root.is_dir() and any(_images_in(d) for d in _class_dirs(root))
 
 
 def read_image_folder(root: Path, spec: DatasetSpec, split: str, field: str) -> Table:

@@ -32,7 +32,8 @@ import torch
 from engine.backends import get_backend
 from engine.backends.hf_common import HFBackend, is_image_config
 from engine.backends.timm_backend import TimmBackend
-from engine.data import DataError, read_raw, split_indices
+from engine.data import READ_FIELDS, DataError, read_raw, source_stamp, split_indices
+from engine.metrics import task_metrics
 from engine.errors import UserError
 from engine.models import BUNDLED, ROLES, ModelError, TaskModel, minilm_path
 from engine.spec import DatasetSpec, RunSpec, parse_spec
@@ -51,6 +52,7 @@ class ModelFacts:
     roles: frozenset[str] | None  # roles of the adaptable layers (None: not known)
     blocks: frozenset[int] | None  # their transformer block indices (None: not known)
     source: str  # bundled, timm, local directory, hub cache or hub
+    head: str = "classification"  # what its head does (sequence/image classification or regression)
 
 
 ALL_ROLES = frozenset(ROLES)
@@ -69,6 +71,8 @@ class DataFacts:
     modality: str
     examples: int
     classes: int
+    task: str = "classification"
+    eval_examples: int | None = None  # examples of the eval_split, when the spec names one
 
 
 def check(spec: RunSpec | dict) -> list[str]:
@@ -78,6 +82,7 @@ def check(spec: RunSpec | dict) -> list[str]:
     options = tuple(sorted((k, repr(v)) for k, v in spec.model_options.items()))
     model = model_facts(spec.model, spec.trust_remote_code, options)
     data = dataset_facts(spec.dataset)
+    _check_data_task(spec, model, data)
     if model.modality != data.modality:
         hint = "a text model (minilm-l6, tiny-bert, a hub id)" if data.modality == "text" else (
             "a vision model (tiny-vit, tiny-hf-vit, timm/<name>, a ViT hub id)"
@@ -86,7 +91,7 @@ def check(spec: RunSpec | dict) -> list[str]:
             f"dataset.name: {spec.dataset.name} is {_a(data.modality)} dataset but model {spec.model} is "
             f"{_a(model.modality)} model: pick {hint} or {_a(model.modality)} dataset"
         )
-    train_idx, _ = split_indices(data.examples, spec.dataset)
+    train_idx, _ = split_indices(data.examples, spec.dataset, data.eval_examples)
     if len(train_idx) == 0:
         raise PreflightError(
             f"dataset.name: {spec.dataset.name} has {data.examples} example(s), none left for training after the "
@@ -101,6 +106,29 @@ def check(spec: RunSpec | dict) -> list[str]:
             "set model_options: {pretrained: false} for a random init"
         )
     return warnings
+
+
+def _check_data_task(spec: RunSpec, model: ModelFacts, data: DataFacts) -> None:
+    """The data's task against the model's head and the declared metric; a text pair against an image model."""
+    ds = spec.dataset
+    if ds.text_pair_column and model.modality == "image":
+        raise PreflightError(
+            f"dataset.text_pair_column: model {spec.model} is an image model, and a text pair is encoded by a "
+            "tokenizer: remove text_pair_column or pick a text model"
+        )
+    if data.task == "multiple_choice" and model.head != "causal-lm":
+        raise PreflightError(
+            f"dataset.task: {ds.name} is multiple-choice data (question, choices, answer), which a causal language "
+            f"model is trained on, but model {spec.model} has a {model.head} head: pick a causal language model, "
+            "or classification data"
+        )
+    if ds.metric is not None and ds.metric != "eval_loss" and data.task != "multiple_choice":
+        recorded = task_metrics(data.task, data.classes)
+        if ds.metric not in recorded:
+            raise PreflightError(
+                f"dataset.metric: {ds.metric} is not recorded for {data.task} data ({ds.name}): pick one of "
+                f"{', '.join(recorded)}"
+            )
 
 
 def _a(modality: str) -> str:
@@ -132,20 +160,20 @@ def _check_targets(spec: RunSpec, model: ModelFacts) -> None:
 
 
 def dataset_facts(spec: DatasetSpec) -> DataFacts:
-    """Modality, size and class count of a dataset, read once per file version."""
-    path = Path(spec.name)
-    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
-    return _dataset_facts(spec.name, spec.text_column, spec.label_column, stamp)
+    """Modality, size, class count and task of a dataset, read once per version of a local source."""
+    stamps = tuple(source_stamp(p) for p in (spec.name, spec.eval_split) if p)
+    return _dataset_facts(spec.model_dump_json(include=READ_FIELDS), stamps)
 
 
 @lru_cache(maxsize=64)
-def _dataset_facts(name: str, text_column: str, label_column: str, _stamp: tuple | None) -> DataFacts:
+def _dataset_facts(read_fields: str, _stamps: tuple) -> DataFacts:
     try:
-        raw = read_raw(DatasetSpec(name=name, text_column=text_column, label_column=label_column))
+        raw = read_raw(DatasetSpec.model_validate_json(read_fields))
     except DataError as err:
         message = str(err)
         raise PreflightError(message if message.startswith("dataset") else f"dataset.name: {message}") from None
-    return DataFacts(raw.modality, len(raw.labels), len(raw.label_names))
+    eval_examples = len(raw.eval) if raw.eval is not None else None
+    return DataFacts(raw.modality, len(raw.labels), len(raw.label_names), raw.task, eval_examples)
 
 
 # --- the model -------------------------------------------------------------------------------------

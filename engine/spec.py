@@ -84,6 +84,16 @@ class DatasetSpec(_Strict):
                                "eval_pearson for regression)")  # fmt: skip
 
 
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str | None) -> str | None:
+        from engine.metrics import METRICS
+
+        if v is not None and v not in METRICS:
+            raise ValueError(f"{v!r} is not a recorded metric: pick one of {', '.join(METRICS)}")
+        return v
+
+
 class MethodSpec(BaseModel):
     """``name`` plus the method's own parameters, validated by the method's config class."""
 
