@@ -5,6 +5,7 @@ python -m app.cli study STUDY.yaml [--wait] [--json]   validate, submit to Ray; 
 python -m app.cli study ls [--json]
 python -m app.cli study show ID [--json]
 python -m app.cli study cancel ID
+python -m app.cli study table ID [--json]    the paper-style table: headline metric per task, mean over tasks
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import json
 import time
 from typing import Any
 
-COMMANDS = ("ls", "show", "cancel")
+COMMANDS = ("ls", "show", "cancel", "table")
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("study", help="run a study (a search over RunSpec fields), or: study ls | show ID | cancel ID")
+    p = sub.add_parser("study", help="run a study (a search over RunSpec fields), or: study ls | show ID | cancel ID | table ID")
     p.add_argument("target", help="a study YAML file, or ls, show, cancel")
     p.add_argument("study_id", nargs="?", help="the study of show and cancel")
     p.add_argument("--wait", action="store_true", help="follow the study until every trial has finished")
@@ -56,6 +57,15 @@ def cmd_study(args: argparse.Namespace) -> int:
         return 0
     if not args.study_id:
         raise UserError(f"study {args.target} needs a study id: python -m app.cli study {args.target} ID")
+    if args.target == "table":
+        from app.protocol import protocol_markdown, protocol_table
+        from db import studies as db_studies
+
+        studies.study_report(args.study_id)  # an unknown id is one line naming it
+        tasks, rows = protocol_table(db_studies.trial_runs(args.study_id))
+        print(json.dumps({"tasks": tasks, "rows": rows}, default=str) if args.json else
+              "\n".join(protocol_markdown(tasks, rows)))  # fmt: skip
+        return 0
     if args.target == "cancel":
         n = studies.cancel_study(args.study_id)
         print(f"study {args.study_id} cancelled ({n} trial(s) stopped or never started)")

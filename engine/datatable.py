@@ -8,7 +8,8 @@ Every source (CSV/JSONL, Parquet/Arrow, a ``datasets`` directory or hub id, an i
   regression target and anything else classes; ``classification`` / ``regression`` override it. Classes keep the
   order the data declares (a ``ClassLabel``'s names), else integers in numeric order (``"2"`` before ``"10"``),
   else names in sorted order: the same for every read of the same data, and recorded with each run;
-* ``task: multiple_choice``: ``text_column`` is the question, ``choices_column`` the choices (a list column, a
+* ``task: multiple_choice``: ``text_column`` is the question (``text_pair_column`` its passage or context, if any),
+  ``choices_column`` the choices (a list column, a
   ``{text, label}`` column as ARC's, or several columns named with commas: ``sol1,sol2``) and ``label_column`` the
   answer (an index from 0, a choice's label or text, a letter A-Z; a digit string counts from 1 when the choices are
   named columns, as in SIQA and WinoGrande, from 0 for a list column, as in HellaSwag; a true/false answer without
@@ -214,7 +215,8 @@ def _multiple_choice(table: Table, spec: DatasetSpec) -> RawData:
         texts, keys = _choice_list(row, table, i, spec.choices_column)
         labels[i] = _answer_index(answer, texts, keys, bool(named), table, i, spec.label_column)
         choices.append(texts)
-    return RawData("text", questions, labels, [], "multiple_choice", choices=choices)
+    pairs = _texts(table, spec.text_pair_column, "dataset.text_pair_column") if spec.text_pair_column else None
+    return RawData("text", questions, labels, [], "multiple_choice", pairs=pairs, choices=choices)
 
 
 def _choice_list(row: Any, table: Table, i: int, column: str) -> tuple[list[str], list[str]]:

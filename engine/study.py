@@ -269,6 +269,9 @@ def parse_study(data: dict[str, Any] | StudySpec, *, root: Path | None = None) -
         if sampled:
             raise StudyError(f"space: {sampled[0]} is a range, which a grid cannot enumerate: use search: random "
                              "or optuna, or list its values with grid: [...]")  # fmt: skip
+    _check_metric("metric", study.metric, study.mode)
+    if study.asha is not None and study.asha.metric is not None:
+        _check_metric("scheduler.asha.metric", study.asha.metric, study.asha.mode or study.mode)
     if study.search == "optuna" and not study.space:
         raise StudyError("search: optuna needs a space to search: add fields under space:, or use search: grid")
     n = count_trials(study)
@@ -280,6 +283,17 @@ def parse_study(data: dict[str, Any] | StudySpec, *, root: Path | None = None) -
         for params in expand(study):
             trial_spec(base, params)
     return study.model_copy(update={"spec": base, "base": study.base})
+
+
+def _check_metric(field: str, metric: str, mode: str) -> None:
+    """A study ranks its trials by a recorded evaluation metric (``engine.metrics``), in the metric's direction."""
+    from engine.metrics import DIRECTION
+
+    if metric not in DIRECTION:
+        raise StudyError(f"{field}: {metric!r} is not a recorded metric: pick one of {', '.join(DIRECTION)}")
+    if DIRECTION[metric] != mode:
+        better = "lower" if DIRECTION[metric] == "min" else "higher"
+        raise StudyError(f"{field}: {metric} is better {better}, but mode is {mode}: set mode: {DIRECTION[metric]}")
 
 
 def load_study(path: str | Path) -> StudySpec:
