@@ -19,7 +19,9 @@ COMMANDS = ("ls", "show", "cancel", "table")
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("study", help="run a study (a search over RunSpec fields), or: study ls | show ID | cancel ID | table ID")
+    p = sub.add_parser(
+        "study", help="run a study (a search over RunSpec fields), or: study ls | show ID | cancel ID | table ID"
+    )
     p.add_argument("target", help="a study YAML file, or ls, show, cancel")
     p.add_argument("study_id", nargs="?", help="the study of show and cancel")
     p.add_argument("--wait", action="store_true", help="follow the study until every trial has finished")

@@ -370,9 +370,7 @@ def load_data(
     return _cached(("encoded", key), lambda: _from_disk_or_encode(key, spec, tokenizer, source, image))
 
 
-def _from_disk_or_encode(
-    key: str, spec: DatasetSpec, tokenizer, raw: RawData, image: ImagePrep | None
-) -> DataBundle:
+def _from_disk_or_encode(key: str, spec: DatasetSpec, tokenizer, raw: RawData, image: ImagePrep | None) -> DataBundle:
     stored = datacache.get(key) if raw.fingerprint else None
     if stored is not None:
         tensors, meta = stored

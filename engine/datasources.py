@@ -199,9 +199,7 @@ def is_saved_dataset(root: Path) -> bool:
 
 
 def has_data_files(root: Path) -> bool:
-    return (root / "README.md").is_file() or any(
-        p.suffix in DATA_FILE_SUFFIXES for p in root.rglob("*") if p.is_file()
-    )
+    return (root / "README.md").is_file() or any(p.suffix in DATA_FILE_SUFFIXES for p in root.rglob("*") if p.is_file())
 
 
 def hub_offline() -> bool:

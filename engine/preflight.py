@@ -33,8 +33,8 @@ from engine.backends import get_backend
 from engine.backends.hf_common import HFBackend, is_image_config
 from engine.backends.timm_backend import TimmBackend
 from engine.data import READ_FIELDS, DataError, read_raw, source_stamp, split_indices
-from engine.metrics import task_metrics
 from engine.errors import UserError
+from engine.metrics import task_metrics
 from engine.models import BUNDLED, ROLES, ModelError, TaskModel, minilm_path
 from engine.spec import DatasetSpec, RunSpec, parse_spec
 

@@ -54,7 +54,8 @@ class DatasetSpec(_Strict):
     split: str = Field("train", title="train split", json_schema_extra=_meta(advanced=True),
                        description="split to train on (slices as in datasets: train[:800])")  # fmt: skip
     eval_split: str | None = Field(None, title="eval split", json_schema_extra=_meta(advanced=True),
-                                   description="split to evaluate on (None: eval_fraction of the train split)")  # fmt: skip
+                                   description="split to evaluate on (None: hold out eval_fraction of the train "
+                                   "split)")  # fmt: skip
     max_train: int | None = Field(2000, ge=1, title="max train examples",
                                   description="cap on training examples (None, or 0 in the form: all)")  # fmt: skip
     max_eval: int | None = Field(500, ge=1, title="max eval examples",
@@ -65,7 +66,8 @@ class DatasetSpec(_Strict):
     split_seed: int = Field(0, title="split seed", json_schema_extra=_meta(advanced=True),
                             description="seed of the train/eval split (kept fixed across training seeds)")  # fmt: skip
     text_column: str = Field("text", title="text column", json_schema_extra=_meta(advanced=True),
-                             description="column that holds the text (the question of multiple-choice data)")  # fmt: skip
+                             description="column that holds the text (the question of multiple-choice "
+                             "data)")  # fmt: skip
     label_column: str = Field("label", title="label column", json_schema_extra=_meta(advanced=True),
                               description="column that holds the label: class ids or names, a number for "
                               "regression, the answer of multiple-choice data")  # fmt: skip
@@ -75,14 +77,14 @@ class DatasetSpec(_Strict):
     image_column: str = Field("image", title="image column", json_schema_extra=_meta(advanced=True),
                               description="column of a table dataset that holds the images")  # fmt: skip
     choices_column: str = Field("choices", title="choices column", json_schema_extra=_meta(advanced=True),
-                                description="column of multiple-choice data that holds the list of choices")  # fmt: skip
+                                description="column of multiple-choice data that holds the choices (or several: "
+                                "a,b)")  # fmt: skip
     task: DataTask = Field("auto", title="task", json_schema_extra=_meta(advanced=True),
                            description="auto: regression for decimal labels of a typed source, else classification; "
                            "multiple_choice: question, choices, answer")  # fmt: skip
     metric: str | None = Field(None, title="headline metric", json_schema_extra=_meta(advanced=True),
                                description="the metric a run is judged by (None: eval_accuracy for classification, "
                                "eval_pearson for regression)")  # fmt: skip
-
 
     @field_validator("metric")
     @classmethod

@@ -27,8 +27,8 @@ from engine.artifacts import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG_FILE  # re-ex
 from engine.artifacts import ADAPTER_FILE as ADAPTER_FILE
 from engine.artifacts import save_adapter
 from engine.data import DataBundle, ImagePrep, iterate_batches, load_data, read_raw
-from engine.metrics import compute as compute_metrics
 from engine.methods import Method, TrainContext, build_method
+from engine.metrics import compute as compute_metrics
 from engine.models import TaskModel, count_parameters, load_model
 from engine.spec import RunSpec
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import datacache
 from engine import data as data_module
+from engine import datacache
 from engine.data import ImagePrep, load_data, read_raw
 from engine.datatable import DataError
 from engine.metrics import compute
@@ -239,7 +239,8 @@ def test_encoded_data_is_cached_on_disk_and_invalidated_when_the_source_changes(
     from engine.models import load_model
 
     path = home / "reviews.parquet"
-    pd.DataFrame({"text": [f"{w} review {i}" for i, w in enumerate(WORDS * 4)], "label": ["pos", "neg"] * 20}).to_parquet(path)
+    labels = ["pos", "neg"] * 20
+    pd.DataFrame({"text": [f"{w} review {i}" for i, w in enumerate(WORDS * 4)], "label": labels}).to_parquet(path)
     spec = DatasetSpec(name=str(path), max_train=30, max_eval=10, max_length=12)
     tokenizer = load_model("tiny-bert", 2).tokenizer
     before = dict(datacache.STATS)
@@ -253,7 +254,7 @@ def test_encoded_data_is_cached_on_disk_and_invalidated_when_the_source_changes(
     # Another max_length is another entry; an edited source (same size, new content) is read and encoded again.
     load_data(spec.model_copy(update={"max_length": 8}), tokenizer)
     assert datacache.STATS["misses"] == before["misses"] + 2
-    pd.DataFrame({"text": [f"{w} note {i}" for i, w in enumerate(WORDS * 4)], "label": ["pos", "neg"] * 20}).to_parquet(path)
+    pd.DataFrame({"text": [f"{w} note {i}" for i, w in enumerate(WORDS * 4)], "label": labels}).to_parquet(path)
     data_module._CACHE.clear()
     third = load_data(spec, tokenizer)
     assert datacache.STATS["misses"] == before["misses"] + 3

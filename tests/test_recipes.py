@@ -19,7 +19,8 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 RUN_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if "studies" not in p.parts)
 STUDIES = sorted((RECIPES / "studies").glob("*.yaml"))
 GLUE_METRICS = {"cola": "eval_mcc", "sst2": "eval_accuracy", "mrpc": "eval_f1", "qqp": "eval_f1",
-                "stsb": "eval_pearson", "mnli": "eval_accuracy", "qnli": "eval_accuracy", "rte": "eval_accuracy"}  # fmt: skip
+                "stsb": "eval_pearson", "mnli": "eval_accuracy", "qnli": "eval_accuracy",
+                "rte": "eval_accuracy"}  # fmt: skip
 
 
 def _model_kind(name: str) -> str:
@@ -58,8 +59,10 @@ def test_recipe_parses_and_its_names_resolve(path):
     from engine.backends import list_backends
 
     if "hf-causal-lm" not in list_backends():
-        pytest.skip("the model-task check needs a causal-LM backend, which this build does not have yet: the "
-                    "recipe's names resolve, its model's head is not checked")
+        pytest.skip(
+            "the model-task check needs a causal-LM backend, which this build does not have yet: the "
+            "recipe's names resolve, its model's head is not checked"
+        )
     from engine.backends import get_backend
 
     assert get_backend("hf-causal-lm").modality == "text"

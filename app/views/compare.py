@@ -20,6 +20,7 @@ from engine.analysis.compare import (
     pareto_front,
     pareto_mask,
 )
+from engine.metrics import DIRECTION, METRICS
 
 st.title("⚖️ Compare runs")
 runs = store.list_runs(limit=None)
@@ -83,15 +84,23 @@ group = st.selectbox(
 chosen = filtered[filtered["run_id"].isin(chosen_ids)].sort_values([group, "run_id"], kind="stable")
 group_order = {name: i for i, name in enumerate(dict.fromkeys(chosen[group]))}
 
-# --- accuracy vs trainable parameters ---------------------------------------------------------------
-st.subheader("Accuracy vs trainable parameters")
-scored = chosen.dropna(subset=["eval_accuracy", "trainable_params"])
+# --- a metric vs trainable parameters ------------------------------------------------------------------
+st.subheader("Metric vs trainable parameters")
+finals = {r["id"]: (r.get("summary") or {}).get("final_metrics") or {} for r in runs}
+recorded = [m for m in METRICS if DIRECTION[m] == "max" and any(m in finals[i] for i in chosen["run_id"])]
+recorded = recorded or ["eval_accuracy"]
+start = recorded.index(from_url("metric", recorded, recorded[:1])[0])
+metric = st.selectbox("Metric", recorded, index=start, key="pareto_metric",
+                      help="a higher-is-better metric the runs recorded (engine.metrics)")  # fmt: skip
+chosen[metric] = pd.to_numeric(chosen["run_id"].map(lambda i: finals[i].get(metric)), errors="coerce")
+scored = chosen.dropna(subset=[metric, "trainable_params"])
 if scored.empty:
-    st.info("None of these runs has both a final eval accuracy and a trainable-parameter count yet.")
+    st.info(f"None of these runs has both a final {metric} and a trainable-parameter count yet.")
 else:
     log_x = st.checkbox("log-scale parameters", value=True, key="pareto_log")
-    front = pareto_front(scored)
-    st.plotly_chart(charts.pareto_chart(scored, front, color=group, log_x=log_x), key="pareto")
+    front = pareto_front(scored, y=metric)
+    title = f"{metric} vs trainable parameters"
+    st.plotly_chart(charts.pareto_chart(scored, front, y=metric, color=group, log_x=log_x, title=title), key="pareto")
     st.caption(f"Pareto front: {', '.join(front['label'])}")
 
 # --- learning curves ---------------------------------------------------------------------------------
@@ -120,9 +129,10 @@ else:
 # --- table -------------------------------------------------------------------------------------------
 st.subheader("Runs")
 diff_only = st.toggle("Config: differences only", value=True, key="diff_only")
-chosen["pareto"] = pareto_mask(chosen)
+chosen["pareto"] = pareto_mask(chosen, y=metric)
 summary_columns = ["run_id", "label", "method", "model", "dataset", "seed", "status", "eval_accuracy", "eval_loss",
                    "trainable_params", "ms_per_step", "peak_rss_mb", "pareto"]  # fmt: skip
+summary_columns += [metric] if metric not in summary_columns else []
 if diff_only:
     config = differences_only(chosen)
 else:
