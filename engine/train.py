@@ -130,6 +130,7 @@ class Prepared:
     method: Method
     data: DataBundle
     device: torch.device
+    data_s: float = 0.0  # seconds spent reading and encoding the data (the cache's hits make it small)
 
 
 def pick_device(name: str) -> torch.device:
@@ -145,7 +146,9 @@ def prepare(spec: RunSpec) -> Prepared:
     torch.manual_seed(spec.train.seed)
     if spec.train.num_threads:
         torch.set_num_threads(spec.train.num_threads)
+    t_data = time.perf_counter()
     raw = read_raw(spec.dataset)
+    data_s = time.perf_counter() - t_data
     outputs = 1 if raw.task == "regression" else len(raw.label_names)  # regression: one output, MSE loss
     model = load_model(spec.model, outputs, options=spec.model_options, trust_remote_code=spec.trust_remote_code)
     if model.info.modality != raw.modality:
@@ -155,12 +158,14 @@ def prepare(spec: RunSpec) -> Prepared:
         )
     info = model.info
     image = ImagePrep(info.image_size, info.image_interpolation) if info.image_size else None
+    t_data = time.perf_counter()
     data = load_data(spec.dataset, model.tokenizer, raw, image=image)
+    data_s += time.perf_counter() - t_data
     torch.manual_seed(spec.train.seed)  # adapter init depends on the seed only, not on loading order
     method = build_method(spec.method.name, spec.method.params)
     method.apply(model)
     device = pick_device(spec.train.device)
-    return Prepared(spec, model.to(device), method, data, device)
+    return Prepared(spec, model.to(device), method, data, device, data_s)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -410,6 +415,7 @@ def train(
         "total_s": time.perf_counter() - t_start,
         "train_s": step_time,
         "eval_s": eval_time,
+        "data_s": prep.data_s,
         "ms_per_step": 1000 * step_time / steps_done,
         "peak_rss_mb": peak_rss / 2**20,
     }

@@ -38,6 +38,8 @@ def runtime_env(threads: float | None = None) -> dict[str, Any]:
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if os.environ.get("PEFTLAB_DATA_CACHE"):  # the encoded-data cache switched off (engine.datacache)
+        env_vars["PEFTLAB_DATA_CACHE"] = os.environ["PEFTLAB_DATA_CACHE"]
     if threads:
         env_vars["OMP_NUM_THREADS"] = env_vars["MKL_NUM_THREADS"] = str(max(1, int(threads)))
     if cluster.is_local():
