@@ -24,7 +24,7 @@ import yaml
 from engine.spec import SpecField, spec_fields
 
 CUSTOM_MODEL = "other (hub id, local directory or timm/<name>)"
-FILE_DATASET = "file"
+FILE_DATASET = "other (a file, a directory or a hub id)"
 COLUMNS = 3
 
 
@@ -135,12 +135,12 @@ def model_widget(field: SpecField, start: Any, problems: list[str]) -> str:
 
 
 def dataset_widget(field: SpecField, start: Any, problems: list[str]) -> str:
-    """A bundled dataset, or a .csv/.jsonl file by path."""
+    """A bundled dataset, or another by path (CSV, JSONL, Parquet, Arrow, a directory) or hub id."""
     from engine.data import BUNDLED
 
-    path = _bundled_or_other(field, start, BUNDLED, FILE_DATASET, "CSV/JSONL path", "data_path")
+    path = _bundled_or_other(field, start, BUNDLED, FILE_DATASET, "Dataset path or hub id", "data_path")
     if not path:
-        problems.append("dataset.name: enter the path of a .csv or .jsonl file")
+        problems.append("dataset.name: enter a data file, a dataset directory or a hub id")
     return path
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import streamlit as st
@@ -21,6 +20,7 @@ from app.spec_form import section_form, start_values
 from app.study_form import study_form
 from db import store
 from engine import preflight
+from engine.data import READ_FIELDS, source_stamp
 from engine.errors import UserError
 from engine.methods import get_method
 from engine.spec import DatasetSpec, RunSpec, SpecError, parse_spec
@@ -114,10 +114,10 @@ def model_problem(name: str, trust: bool, options: str) -> str | None:
 
 
 @st.cache_data(ttl=60, show_spinner="Checking the dataset…")
-def dataset_problem(name: str, text_col: str, label_col: str, _stamp: tuple | None) -> str | None:
-    """The dataset's pre-flight error, or None; ``_stamp`` (size, mtime) re-reads a file that changed."""
+def dataset_problem(dataset_json: str, _stamp: tuple | None) -> str | None:
+    """The dataset's pre-flight error, or None; ``_stamp`` (a local source's version) re-reads one that changed."""
     try:
-        preflight.dataset_facts(DatasetSpec(name=name, text_column=text_col, label_column=label_col))
+        preflight.dataset_facts(DatasetSpec.model_validate_json(dataset_json))
     except UserError as err:
         return str(err)
     return None
@@ -134,11 +134,6 @@ def resources_check(cpus: float, gpus: float) -> tuple[list[str], str | None]:
         return [], str(err)
 
 
-def file_stamp(name: str) -> tuple | None:
-    path = Path(name)
-    return (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
-
-
 warnings: list[str] = []
 specs: list[RunSpec] = []
 for raw in build_specs() if model else []:
@@ -150,8 +145,13 @@ if model:
     options = json.dumps(sorted([k, repr(v)] for k, v in values["model_options"].items()))
     problems.append(model_problem(model, values["trust_remote_code"], options))
 if dataset.strip():
-    text_column, label_column = values["dataset.text_column"], values["dataset.label_column"]
-    problems.append(dataset_problem(dataset, text_column, label_column, file_stamp(dataset)))
+    fields = {k.removeprefix("dataset."): v for k, v in values.items() if k.removeprefix("dataset.") in READ_FIELDS}
+    try:
+        dataset_json: str | None = DatasetSpec(**fields).model_dump_json()
+    except ValueError:  # a field the RunSpec refuses: parse_spec names it
+        dataset_json = None
+    if dataset_json is not None:
+        problems.append(dataset_problem(dataset_json, source_stamp(dataset)))
 problems = [p for p in problems if p]
 if not problems:
     for spec in specs:  # modality, target roles: the model and the dataset are cached by now
