@@ -325,11 +325,13 @@ def _encode_images(raw: RawData, idx: np.ndarray, prep: ImagePrep | None) -> tor
         return torch.from_numpy(np.ascontiguousarray(raw.inputs[idx]))
     from PIL import Image
 
-    resample = getattr(Image.Resampling, prep.interpolation.upper(), Image.Resampling.BILINEAR) if prep else None
+    interpolation = prep.interpolation if prep else "bilinear"
+    resample = getattr(Image.Resampling, interpolation.upper(), Image.Resampling.BILINEAR)
+    size = prep.size if prep else None  # no model: every image at the first one's (square) size
     out = []
     for i in idx:
         image = _pil_image(raw.inputs[i])
-        size = prep.size if prep else max(image.size)
+        size = size or max(image.size)
         out.append(np.asarray(image.resize((size, size), resample=resample)).transpose(2, 0, 1))
     return torch.from_numpy(np.stack(out)) if out else torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
 

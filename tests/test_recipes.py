@@ -87,3 +87,24 @@ def test_study_templates_parse_with_every_trial(path):
         grid = next(iter(study.space.values())).args
         assert len(grid) in (8, 19) and study.seeds == [0, 1, 2]
         assert yaml.safe_load(path.read_text())["base"].startswith("../")
+
+
+def test_protocol_table_is_the_headline_metric_per_task_and_the_mean_over_tasks():
+    from app.protocol import protocol_markdown, protocol_table
+
+    def run(method, config, metric, value, seed, status="succeeded"):
+        summary = {"headline_metric": metric, "final_metrics": {metric: value, "eval_accuracy": 0.0}}
+        spec = {"dataset": {"name": "nyu-mll/glue", "config": config}}
+        return {"method": method, "status": status, "seed": seed, "spec": spec, "summary": summary}
+
+    runs = [run("lora", "cola", "eval_mcc", 0.60, 0), run("lora", "cola", "eval_mcc", 0.62, 1),
+            run("lora", "stsb", "eval_pearson", 0.90, 0), run("lora", "stsb", "eval_pearson", 0.5, 1, "failed"),
+            run("neat", "cola", "eval_mcc", 0.64, 0)]  # fmt: skip
+    tasks, rows = protocol_table(runs)
+    assert tasks == ["cola", "stsb"] and [r["method"] for r in rows] == ["lora", "neat"]
+    lora, neat = rows
+    assert lora["cola"][0] == pytest.approx(61.0) and lora["cola"][2] == 2 and lora["stsb"][:3] == (90.0, 0.0, 1)
+    assert lora["mean"] == pytest.approx((61.0 + 90.0) / 2)
+    assert neat["stsb"] is None and neat["mean"] != neat["mean"]  # NaN: a task is missing
+    lines = protocol_markdown(tasks, rows)
+    assert lines[0] == "| method | cola (mcc) | stsb (pearson) | mean |" and "61.0 ± 1.4" in lines[2]
