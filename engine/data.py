@@ -361,18 +361,31 @@ def load_data(
         )
     if raw.modality == "text" and tokenizer is None:
         raise DataError(f"dataset {spec.name!r} is text: pick a text model (e.g. minilm-l6), not a vision one")
+    key = cache_key(spec, raw, tokenizer, image)
+    source: RawData = raw
+    return _cached(("encoded", key), lambda: _from_disk_or_encode(key, spec, tokenizer, source, image))
+
+
+def cache_key(spec: DatasetSpec, raw: RawData, tokenizer=None, image: ImagePrep | None = None) -> str:
+    """The on-disk cache's key of the encoded splits: the data's fingerprint, the spec (its name aside: the
+    fingerprint says what it holds), the tokenizer or the image preprocessing."""
     parts = {
         "data": raw.fingerprint,
         "spec": spec.model_dump(mode="json", exclude={"name", "metric"}),
         "tokenizer": datacache.tokenizer_digest(tokenizer) if raw.modality == "text" else None,
         "image": (image.size, image.interpolation) if image else None,
     }
-    key = datacache.make_key(parts)
-    source: RawData = raw
-    return _cached(("encoded", key), lambda: _from_disk_or_encode(key, spec, tokenizer, source, image))
+    return datacache.make_key(parts)
 
 
 def _from_disk_or_encode(key: str, spec: DatasetSpec, tokenizer, raw: RawData, image: ImagePrep | None) -> DataBundle:
+    if not raw.fingerprint:  # a source without an identity is never cached on disk
+        return _encode_now(key, spec, tokenizer, raw, image)
+    with datacache.building(key):  # trials starting together: one encodes, the others then read its entry
+        return _encode_now(key, spec, tokenizer, raw, image)
+
+
+def _encode_now(key: str, spec: DatasetSpec, tokenizer, raw: RawData, image: ImagePrep | None) -> DataBundle:
     stored = datacache.get(key) if raw.fingerprint else None
     if stored is not None:
         tensors, meta = stored

@@ -9,16 +9,20 @@ names and task in its metadata). The key is a sha256 of everything the result de
 * the columns, task, splits and caps of the spec, and ``max_length``;
 * the tokenizer (a hash of its full serialisation) or the image preprocessing (size and interpolation).
 
-An entry is written to a temporary name and renamed, so concurrent trials never read half of one. ``STATS`` counts
-hits and misses and the seconds spent encoding, for benchmarks and tests.
+An entry is written to a temporary name and renamed, so concurrent trials never read half of one; ``building(key)``
+holds a lock file while one process encodes, so trials that start together encode once (the others wait, then
+read the entry). ``STATS`` counts hits and misses and the seconds spent encoding, for benchmarks and tests.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +85,20 @@ def get(key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     STATS["disk_hits"] += 1
     STATS["read_s"] += time.perf_counter() - t0
     return tensors, meta
+
+
+@contextlib.contextmanager
+def building(key: str) -> Iterator[None]:
+    """Hold ``key``'s lock while its entry is looked up and built: a second process waits for the first's entry."""
+    if not enabled():
+        yield
+        return
+    with open(cache_dir() / f"{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def put(key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

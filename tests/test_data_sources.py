@@ -259,3 +259,31 @@ def test_encoded_data_is_cached_on_disk_and_invalidated_when_the_source_changes(
     third = load_data(spec, tokenizer)
     assert datacache.STATS["misses"] == before["misses"] + 3
     assert not torch.equal(first.train.tensors["input_ids"], third.train.tensors["input_ids"])
+
+
+def _load_and_report(spec, prep, queue) -> None:
+    before = dict(datacache.STATS)
+    load_data(spec, image=prep)
+    queue.put({k: datacache.STATS[k] - before[k] for k in ("misses", "disk_hits")})
+
+
+def test_trials_starting_together_encode_once(home):
+    """A second process that needs the same entry while the first encodes it waits, then reads it."""
+    import multiprocessing
+    import time
+
+    root = home / "digits-png"
+    _digits_folder(root, per_class=3)
+    spec, prep = DatasetSpec(name=str(root), max_eval=6), ImagePrep(16, "bilinear")
+    raw = read_raw(spec)
+    key = data_module.cache_key(spec, raw, image=prep)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    with datacache.building(key):  # this process is encoding the entry
+        child = ctx.Process(target=_load_and_report, args=(spec, prep, queue))
+        child.start()
+        time.sleep(1.0)
+        assert child.is_alive() and queue.empty()  # waiting for the lock, not encoding
+        data_module._encode_now(key, spec, None, raw, prep)
+    child.join(60)
+    assert queue.get(timeout=5) == {"misses": 0, "disk_hits": 1}
