@@ -248,7 +248,9 @@ def load_with_datasets(name: str, spec: DatasetSpec, split: str, field: str, *, 
             )
     try:
         with _offline_as_set():
-            loaded = datasets.load_dataset(name, spec.config, split=split)
+            # the datasets cache as the environment names it now (datasets reads HF_DATASETS_CACHE at import)
+            cache_dir = os.environ.get("HF_DATASETS_CACHE")
+            loaded = datasets.load_dataset(name, spec.config, split=split, cache_dir=cache_dir)
     except ValueError as err:
         raise DataError(_load_error(name, spec, split, field, err)) from None
     except (ConnectionError, FileNotFoundError, OSError) as err:
