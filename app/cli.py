@@ -8,6 +8,7 @@ python -m app.cli analyze ID --kind KIND [--json]   compute or reuse a stored an
 python -m app.cli export ID --format FORMAT --out DIR [--json]  write an adapter or merged model (export --help)
 python -m app.cli import DIR [--name NAME]                                  record an exported adapter as a run
 python -m app.cli study STUDY.yaml [--wait] [--json] | study ls | study show ID | study cancel ID   (app/cli_study.py)
+python -m app.cli merge RUN_ID [RUN_ID ...] --method mwa|uniform|linear|ties|dare [--json]   (app/cli_merge.py)
 """
 
 from __future__ import annotations
@@ -350,9 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_import)
-    from app import cli_study
+    from app import cli_merge, cli_study
 
     cli_study.add_parser(sub)
+    cli_merge.add_parser(sub)
     return parser
 
 

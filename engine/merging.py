@@ -137,8 +137,18 @@ def merge_low_rank(
     for (b, a), w in zip(factors, weights, strict=True):
         delta += w * (b.to(dtype) @ a.to(dtype))
     delta *= scale_in
-    target = delta / scale_out
-    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    result = refactorise(delta, rank, scale_out)
+    return LowRankMerge(B=result.B.to(b0.dtype), A=result.A.to(a0.dtype), relative_error=result.relative_error,
+                        singular_values=result.singular_values)  # fmt: skip
+
+
+def refactorise(delta: torch.Tensor, rank: int, scale_out: float = 1.0) -> LowRankMerge:
+    """Factors of a dense ``ΔW`` at ``rank`` by truncated SVD: ``scale_out · B A ≈ ΔW`` with ``B = U_r √S_r``,
+    ``A = √S_r V_rᵀ`` (best rank-r, Eckart–Young; exact when ``rank(ΔW) ≤ rank``), padded with zeros when ΔW has
+    fewer components than ``rank``; the relative Frobenius error is returned with them."""
+    if rank < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}")
+    u, s, vh = torch.linalg.svd(delta / scale_out, full_matrices=False)
     r = min(rank, s.numel())
     root = s[:r].sqrt()
     new_b, new_a = u[:, :r] * root, root.unsqueeze(1) * vh[:r]
@@ -148,7 +158,7 @@ def merge_low_rank(
     norm = torch.linalg.matrix_norm(delta)
     error = torch.linalg.matrix_norm(delta - scale_out * (new_b @ new_a))
     relative = float(error / norm) if norm > 0 else 0.0
-    return LowRankMerge(B=new_b.to(b0.dtype), A=new_a.to(a0.dtype), relative_error=relative, singular_values=s)
+    return LowRankMerge(B=new_b, A=new_a, relative_error=relative, singular_values=s)
 
 
 def merge_lora_state_dicts(
