@@ -108,6 +108,8 @@ def cmd_resume(args) -> int:
     if args.inline:
         from jobs.worker import execute
 
+        if (store.get_run(args.run_id) or {}).get("executor") == "merge":
+            return _fail(f"run {args.run_id} is a merge, which has nothing to resume: merge again (app.cli merge)")
         attempt = store.requeue(args.run_id, reason="resumed by the user (in this process)",
                                 only_from=RESUMABLE_STATUSES)  # fmt: skip
         if attempt is None:
