@@ -3,8 +3,9 @@
 All functions are pure: they take tensors or state dicts (name -> tensor) and return new ones; nothing here
 loads a model or touches a file.
 
-* **MWA** (our form, in the family of weight averaging: SWA, Izmailov et al. 2018; model soups, Wortsman et al.
-  2022): K checkpoints of one run, or the final adapters of several runs of one method, averaged with weights
+* **MWA** (metrics-weighted averaging; Yu & Choi 2025, "Parameter-Efficient Checkpoint Merging via Metrics-Weighted
+  Averaging", arXiv 2504.18580; in the family of SWA, Izmailov et al. 2018, and model soups, Wortsman et al. 2022):
+  K checkpoints of one run, or the final adapters of several runs of one method, averaged with weights
   ``w_i ∝ m_i^p`` where ``m_i = 1/loss_i`` ("loss") or ``m_i = step_i`` ("step"); ``p = 0`` is the uniform mean,
   larger ``p`` leans harder on the best (or latest) checkpoint. ``θ = Σ_i w_i θ_i`` (``mwa_weights``,
   ``average_state_dicts``).

@@ -242,3 +242,38 @@ def test_final_adapters_of_several_runs_merge(lab_env, capsys):
     assert [c["run_id"] for c in result["checkpoints"]] == runs
     assert [c["weight"] for c in result["checkpoints"]] == pytest.approx([0.5, 0.5])  # p = 0 by default for ties
     assert {m["id"] for m in merges.merges_of(runs)} == {result["run_id"]}
+
+
+@pytest.mark.slow
+def test_merge_runs_as_a_ray_job_when_a_head_is_up(ray_lab, capsys):
+    """With the local head up, the CLI's merge is a Ray job (its submission id is the merged run's id)."""
+    from jobs import cluster
+
+    source = _run(tiny_spec(train={"keep_checkpoints": 2, "device": "cpu"}))
+    code, result = _cli_json(capsys, "merge", source, "--method", "uniform", "--json")
+    assert code == 0 and result["status"] == "succeeded"
+    assert [c["weight"] for c in result["checkpoints"]] == pytest.approx([0.5, 0.5])
+    assert str(cluster.job_client().get_job_status(result["run_id"])) == "SUCCEEDED"
+    assert store.get_run(result["run_id"])["executor"] == "merge"
+
+
+@pytest.mark.parametrize("method_name", __import__("engine.methods", fromlist=["method_names"]).method_names())
+def test_every_method_merged_with_itself_gives_the_same_outputs(method_name):
+    """The merge path of every registered method: an adapter merged with a copy of itself (weights ½, ½) computes
+    what it computed (low-rank layers: ΔW re-factorised exactly, rank ≤ r; other tensors averaged)."""
+    from engine.artifacts import AdapterMeta
+    from tests.conftest import batch_for
+    from tests.test_methods_contract import _adapted, _perturb
+
+    model, method = _adapted(method_name, "tiny-bert")
+    _perturb(model, method)
+    batch = batch_for(model)
+    expected = model(batch)
+    meta = AdapterMeta(method=method_name, method_config=method.config.model_dump(mode="json"),
+                       method_state=method.state(), model="tiny-bert", num_labels=5, spec={"train": {"seed": 0}})
+    tensors = method.adapter_state_dict(model)
+    merged = merge_adapters([(meta, tensors), (meta, tensors)], [1.0, 1.0], MergeSettings(method="uniform"),
+                            model=load_model("tiny-bert", 5))  # fmt: skip
+    assert merged.max_refactorisation_error < 1e-5
+    assert merged.model is not None
+    assert torch.allclose(merged.model(batch), expected, atol=1e-4)
