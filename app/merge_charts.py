@@ -24,7 +24,8 @@ def merge_weights_chart(sources: Sequence[dict[str, Any]], title: str = "Merge w
         go.Bar(
             x=[source_label(s) for s in sources], y=[s["weight"] for s in sources], name="weight",
             marker_color=LAST_COLOR, customdata=[[s["loss"], s["step"]] for s in sources],
-            hovertemplate="%{x}<br>weight %{y:.4f}<br>loss %{customdata[0]:.4f}<br>step %{customdata[1]}<extra></extra>",
+            hovertemplate="%{x}<br>weight %{y:.4f}<br>loss %{customdata[0]:.4f}<br>step %{customdata[1]}"
+            "<extra></extra>",
         )
     )  # fmt: skip
     return _layout(fig, title, "source", "weight")

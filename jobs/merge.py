@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from db import config, merges, store
-from engine.adapter_merge import MergeError, MergeSettings, evaluate_merged, merge_adapters, merge_weights, write_adapter
+from engine.adapter_merge import (
+    MergeError,
+    MergeSettings,
+    evaluate_merged,
+    merge_adapters,
+    merge_weights,
+    write_adapter,
+)
 from engine.artifacts import read_adapter, run_trusts_remote_code
 from engine.errors import UserError
 from engine.spec import NAME_MAX_CHARS, parse_spec
@@ -75,8 +82,8 @@ def plan_sources(run_ids: list[str]) -> tuple[list[Source], dict[str, Any]]:
         kept = read_trajectory(directory)
         if not kept:
             raise MergeError(
-                f"run {run['id']} kept no checkpoints: train with train.keep_checkpoints K (or train.checkpoint_every N),"
-                " or merge the final adapters of several runs"
+                f"run {run['id']} kept no checkpoints: train with train.keep_checkpoints K (or "
+                "train.checkpoint_every N), or merge the final adapters of several runs"
             )
         sources = [Source(run["id"], c.step, c.train_loss, c.eval_loss, c.eval_accuracy,
                           str(checkpoint_dir(directory, c)), final=False) for c in kept]  # fmt: skip

@@ -41,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--p", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     args = parser.parse_args(argv)
-    runs = [r for r in store.list_runs(experiment=args.experiment, limit=None)
-            if r["executor"] != "merge" and r["status"] == "succeeded" and read_trajectory(config.run_dir(r["id"]))]
+    runs = [
+        r
+        for r in store.list_runs(experiment=args.experiment, limit=None)
+        if r["executor"] != "merge" and r["status"] == "succeeded" and read_trajectory(config.run_dir(r["id"]))
+    ]
     runs.sort(key=lambda r: r["seed"])  # fmt: skip
     settings = [MergeSettings(method="uniform")] + [MergeSettings(method="mwa", metric="loss", p=p) for p in args.p]
     header = ["seed", "K", "last", "best checkpoint", *(s.label() for s in settings), "max SVD error"]

@@ -215,7 +215,8 @@ def test_cli_merge_end_to_end_matches_a_hand_evaluation(lab_env, capsys):
     assert result["final_metrics"]["eval_loss"] == pytest.approx(loss, rel=1e-4)
     assert 0 <= result["max_refactorisation_error"] < 1 and math.isfinite(result["max_refactorisation_error"])
     # it is a run like any other: exported, and refused by resume
-    assert cli.main(["export", result["run_id"], "--format", "native", "--out", str(lab_env / "exports" / "merged")]) == 0
+    out = str(lab_env / "exports" / "merged")
+    assert cli.main(["export", result["run_id"], "--format", "native", "--out", out]) == 0
     assert cli.main(["resume", result["run_id"], "--inline"]) == 2
     assert "is a merge" in capsys.readouterr().err
 
@@ -269,8 +270,14 @@ def test_every_method_merged_with_itself_gives_the_same_outputs(method_name):
     _perturb(model, method)
     batch = batch_for(model)
     expected = model(batch)
-    meta = AdapterMeta(method=method_name, method_config=method.config.model_dump(mode="json"),
-                       method_state=method.state(), model="tiny-bert", num_labels=5, spec={"train": {"seed": 0}})
+    meta = AdapterMeta(
+        method=method_name,
+        method_config=method.config.model_dump(mode="json"),
+        method_state=method.state(),
+        model="tiny-bert",
+        num_labels=5,
+        spec={"train": {"seed": 0}},
+    )
     tensors = method.adapter_state_dict(model)
     merged = merge_adapters([(meta, tensors), (meta, tensors)], [1.0, 1.0], MergeSettings(method="uniform"),
                             model=load_model("tiny-bert", 5))  # fmt: skip
