@@ -21,7 +21,7 @@ from engine.spec import SpecError, parse_spec
 from engine.train import MemoryReporter, train
 from engine.trajectory import kept_steps, read_trajectory
 from jobs.worker import execute
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_spec, wait_for
 
 # --- where checkpoints are kept, and what each one records --------------------------------------------------------
 
@@ -254,7 +254,8 @@ def test_merge_runs_as_a_ray_job_when_a_head_is_up(ray_lab, capsys):
     code, result = _cli_json(capsys, "merge", source, "--method", "uniform", "--json")
     assert code == 0 and result["status"] == "succeeded"
     assert [c["weight"] for c in result["checkpoints"]] == pytest.approx([0.5, 0.5])
-    assert str(cluster.job_client().get_job_status(result["run_id"])) == "SUCCEEDED"
+    client = cluster.job_client()  # the job exits just after its run's final status is written
+    assert wait_for(lambda: str(client.get_job_status(result["run_id"])) == "SUCCEEDED", timeout=60)
     assert store.get_run(result["run_id"])["executor"] == "merge"
 
 
