@@ -184,6 +184,7 @@ def _merge(run: dict[str, Any], reporter: DBReporter) -> tuple[dict[str, Any], d
     trust = run_trusts_remote_code(store.get_run(run_ids[0]) or {})
     merged = merge_adapters(adapters, source_values(sources, settings), settings, labels=labels,
                             trust_remote_code=trust)  # fmt: skip
+    reporter.set_progress(0.5)  # merged; the evaluation is the other half
     for layer, error in merged.refactorisation_errors.items():
         reporter.log(f"{layer}: re-factorisation relative error {error:.3e}")
     metrics = evaluate_merged(merged, spec)
