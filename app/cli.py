@@ -8,6 +8,7 @@ python -m app.cli analyze ID --kind KIND [--json]   compute or reuse a stored an
 python -m app.cli export ID --format FORMAT --out DIR [--json]  write an adapter or merged model (export --help)
 python -m app.cli import DIR [--name NAME]                                  record an exported adapter as a run
 python -m app.cli study STUDY.yaml [--wait] [--json] | study ls | study show ID | study cancel ID   (app/cli_study.py)
+python -m app.cli merge RUN_ID [RUN_ID ...] --method mwa|uniform|linear|ties|dare [--json]   (app/cli_merge.py)
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def cmd_resume(args) -> int:
     if args.inline:
         from jobs.worker import execute
 
+        if (store.get_run(args.run_id) or {}).get("executor") == "merge":
+            return _fail(f"run {args.run_id} is a merge, which has nothing to resume: merge again (app.cli merge)")
         attempt = store.requeue(args.run_id, reason="resumed by the user (in this process)",
                                 only_from=RESUMABLE_STATUSES)  # fmt: skip
         if attempt is None:
@@ -350,9 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_import)
-    from app import cli_study
+    from app import cli_merge, cli_study
 
     cli_study.add_parser(sub)
+    cli_merge.add_parser(sub)
     return parser
 
 

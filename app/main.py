@@ -27,6 +27,7 @@ ANALYSIS_PAGES = [
     ("views/importance.py", "Importance", "🎯"),
     ("views/landscape.py", "Landscape", "🏔️"),
     ("views/export.py", "Export", "📦"),
+    ("views/merge.py", "Merge", "🧬"),
 ]
 available = [st.Page(p, title=t, icon=i) for p, t, i in ANALYSIS_PAGES if (Path(__file__).parent / p).exists()]
 if available:

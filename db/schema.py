@@ -85,7 +85,7 @@ class Run(Base):
     tags: Mapped[list] = mapped_column(JSON, default=list)
     spec: Mapped[dict] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
-    executor: Mapped[str] = mapped_column(String(16), default="ray")  # ray | inline | import
+    executor: Mapped[str] = mapped_column(String(16), default="ray")  # ray | inline | import | merge
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -128,3 +128,17 @@ class Artifact(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     run: Mapped[Run] = relationship(back_populates="artifacts")
+
+
+class MergeSource(Base):
+    """One source of a merged run (executor ``merge``): a run's kept checkpoint (``step``) or its final adapter
+    (``step`` null), with the loss or step its weight was computed from and the weight (db/merges.py)."""
+
+    __tablename__ = "merge_sources"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)  # the merged run
+    position: Mapped[int] = mapped_column(Integer)
+    source_run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    step: Mapped[int | None] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float)
+    weight: Mapped[float] = mapped_column(Float)

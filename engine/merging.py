@@ -3,8 +3,9 @@
 All functions are pure: they take tensors or state dicts (name -> tensor) and return new ones; nothing here
 loads a model or touches a file.
 
-* **MWA** (our form, in the family of weight averaging: SWA, Izmailov et al. 2018; model soups, Wortsman et al.
-  2022): K checkpoints of one run, or the final adapters of several runs of one method, averaged with weights
+* **MWA** (metrics-weighted averaging; Yu & Choi 2025, "Parameter-Efficient Checkpoint Merging via Metrics-Weighted
+  Averaging", arXiv 2504.18580; in the family of SWA, Izmailov et al. 2018, and model soups, Wortsman et al. 2022):
+  K checkpoints of one run, or the final adapters of several runs of one method, averaged with weights
   ``w_i ∝ m_i^p`` where ``m_i = 1/loss_i`` ("loss") or ``m_i = step_i`` ("step"); ``p = 0`` is the uniform mean,
   larger ``p`` leans harder on the best (or latest) checkpoint. ``θ = Σ_i w_i θ_i`` (``mwa_weights``,
   ``average_state_dicts``).
@@ -137,8 +138,18 @@ def merge_low_rank(
     for (b, a), w in zip(factors, weights, strict=True):
         delta += w * (b.to(dtype) @ a.to(dtype))
     delta *= scale_in
-    target = delta / scale_out
-    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    result = refactorise(delta, rank, scale_out)
+    return LowRankMerge(B=result.B.to(b0.dtype), A=result.A.to(a0.dtype), relative_error=result.relative_error,
+                        singular_values=result.singular_values)  # fmt: skip
+
+
+def refactorise(delta: torch.Tensor, rank: int, scale_out: float = 1.0) -> LowRankMerge:
+    """Factors of a dense ``ΔW`` at ``rank`` by truncated SVD: ``scale_out · B A ≈ ΔW`` with ``B = U_r √S_r``,
+    ``A = √S_r V_rᵀ`` (best rank-r, Eckart–Young; exact when ``rank(ΔW) ≤ rank``), padded with zeros when ΔW has
+    fewer components than ``rank``; the relative Frobenius error is returned with them."""
+    if rank < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}")
+    u, s, vh = torch.linalg.svd(delta / scale_out, full_matrices=False)
     r = min(rank, s.numel())
     root = s[:r].sqrt()
     new_b, new_a = u[:, :r] * root, root.unsqueeze(1) * vh[:r]
@@ -148,7 +159,7 @@ def merge_low_rank(
     norm = torch.linalg.matrix_norm(delta)
     error = torch.linalg.matrix_norm(delta - scale_out * (new_b @ new_a))
     relative = float(error / norm) if norm > 0 else 0.0
-    return LowRankMerge(B=new_b.to(b0.dtype), A=new_a.to(a0.dtype), relative_error=relative, singular_values=s)
+    return LowRankMerge(B=new_b, A=new_a, relative_error=relative, singular_values=s)
 
 
 def merge_lora_state_dicts(

@@ -155,6 +155,27 @@ class TrainSpec(_Strict):
         json_schema_extra=_meta(advanced=True),
         description="checkpoint at least every this many seconds, and at epoch ends",
     )
+    # Kept checkpoints (engine/trajectory.py): adapter snapshots along training for checkpoint merging (MWA), apart
+    # from the resume checkpoint above.
+    keep_checkpoints: int | None = Field(
+        None, ge=1, le=1000, title="keep N checkpoints for merging (0: off)", json_schema_extra=_meta(advanced=True),
+        description="keep this many adapter checkpoints spread evenly along training, each evaluated, for "
+        "checkpoint merging (python -m app.cli merge)",
+    )  # fmt: skip
+    checkpoint_every: int | None = Field(
+        None, ge=1, title="keep a checkpoint every N steps (0: off)", json_schema_extra=_meta(advanced=True),
+        description="keep an evaluated adapter checkpoint every N optimizer steps (and at the last step), for "
+        "checkpoint merging",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_way_to_keep_checkpoints(self) -> TrainSpec:
+        if self.keep_checkpoints and self.checkpoint_every:
+            raise ValueError(
+                "keep_checkpoints and checkpoint_every both set: keep K spread checkpoints or one every N steps, "
+                "not both (set the other to null)"
+            )
+        return self
 
 
 class ResourcesSpec(_Strict):

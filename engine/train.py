@@ -31,6 +31,7 @@ from engine.methods import Method, TrainContext, build_method
 from engine.metrics import compute as compute_metrics
 from engine.models import TaskModel, count_parameters, load_model
 from engine.spec import RunSpec
+from engine.trajectory import Trajectory
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -294,6 +295,7 @@ def train(
     epochs = math.ceil(total_steps / steps_per_epoch)
     warmup = int(cfg.warmup_ratio * total_steps)
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    trajectory = Trajectory.for_run(cfg, total_steps, out_dir)  # kept checkpoints for merging, if asked
     loss_fn = lambda batch: classification_loss(model, to_device(batch, device))[0]  # noqa: E731
     ctx = TrainContext(
         model=model, step=0, total_steps=total_steps, loss_fn=loss_fn,
@@ -316,6 +318,8 @@ def train(
         running, running_n, final = ckpt.get("running", 0.0), ckpt.get("running_n", 0), ckpt.get("final", {})
         if "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"].cpu())
+        if trajectory is not None:
+            trajectory.resume(ckpt.get("trajectory", {}), step)
         reporter.log(f"resumed from checkpoint at step {step}")
     reporter.restart_from(step)  # what an earlier attempt logged after its checkpoint is redone from here
 
@@ -327,6 +331,7 @@ def train(
             "optimizer": optimizer.state_dict(), "step": step, "epoch": epochs_done,
             "method_state": method.state(), "rng": torch.get_rng_state(),
             "running": running, "running_n": running_n, "final": final,
+            "trajectory": trajectory.state() if trajectory is not None else {},
         })  # fmt: skip
 
     ctx.step = step
@@ -358,6 +363,8 @@ def train(
             step += 1
             step_time += time.perf_counter() - t0
             running, running_n = running + loss_value, running_n + 1
+            if trajectory is not None:
+                trajectory.add_loss(loss_value)
 
             ctx.step = step
             for hook in step_hooks:
@@ -378,6 +385,14 @@ def train(
                 eval_time += time.perf_counter() - t1
                 reporter.log_metrics(step, final)
                 reporter.log(f"step {step}/{total_steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+            if trajectory is not None and trajectory.due(step):
+                if not (step % eval_every == 0 or step == total_steps):  # a kept checkpoint is always evaluated
+                    t1 = time.perf_counter()
+                    final = evaluate(model, data.eval, cfg.batch_size * 2, device)
+                    eval_time += time.perf_counter() - t1
+                    reporter.log_metrics(step, final)
+                kept = trajectory.keep(prep, step, final)
+                reporter.log(f"step {step}: kept checkpoint (train loss {kept.train_loss:.4f} since the last one)")
             # Stop before a checkpoint: one written after the run stopped being this attempt's would be ahead of
             # the metrics the database kept, and a resume from it would leave a gap in the curves.
             if reporter.should_stop():
@@ -395,6 +410,8 @@ def train(
     # --- finish ---------------------------------------------------------------------------------
     weights, config = save_adapter(prep, out_dir)
     artifacts = {"adapter": str(weights), "adapter_config": str(config)}
+    if trajectory is not None and trajectory.kept:
+        artifacts["trajectory"] = str(trajectory.index_path)
     method_data = method.artifacts(model)
     if method_data:
         path = out_dir / f"{method.name}_analysis.json"

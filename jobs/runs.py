@@ -145,6 +145,8 @@ def resume_run(run_id: str, *, reason: str = "resumed by the user") -> int:
     """Queue the next attempt of a failed, lost or cancelled run and submit it to Ray; it continues from the run's
     last checkpoint. Returns the new attempt number."""
     run = _get(run_id)
+    if run["executor"] == "merge":
+        raise UserError(f"run {run_id} is a merge, which has nothing to resume: merge again (python -m app.cli merge)")
     if run["status"] not in RESUMABLE_STATUSES:
         raise UserError(
             f"run {run_id} is {run['status']}: only a {', '.join(RESUMABLE_STATUSES)} run can be resumed"

@@ -59,7 +59,21 @@ def views(runs: dict[str, list[str]], model: str) -> list[tuple[str, str]]:
     study = pick_study()
     if study:
         pages.append(("study", f"study?study={study}"))
+    merged = pick_merged_run()
+    if merged:
+        pages.append(("merge", f"merge?run={merged}"))
     return pages
+
+
+def pick_merged_run() -> str | None:
+    """The newest run with kept checkpoints that has merges (the Merge page then shows them all)."""
+    from db import merges
+
+    for run in store.list_runs(status=["succeeded"], limit=None):
+        kept = run["executor"] != "merge" and store.list_artifacts(run["id"], "trajectory")
+        if kept and merges.merges_of([run["id"]]):
+            return run["id"]
+    return None
 
 
 def pick_study() -> str | None:

@@ -391,3 +391,37 @@ def test_run_detail_offers_cancel_for_an_active_run(offline_lab):
 def _terminal_ray_status(client, run_id: str):
     status = client.get_job_status(run_id)
     return status if status.is_terminal() else None
+
+
+def test_merge_page_shows_the_weights_then_the_merges_beside_every_checkpoint(offline_lab):
+    """A run with kept checkpoints: the weight bars are MWA's before merging; Merge (with the uniform baseline)
+    records two merged runs linked to it, and the accuracy chart puts them beside every checkpoint and the last."""
+    from db import merges
+    from engine.merging import mwa_weights
+    from engine.trajectory import read_trajectory
+    from jobs.worker import execute
+
+    spec = parse_spec(tiny_spec(train={"keep_checkpoints": 3, "device": "cpu"})).model_dump(mode="json")
+    run_id = store.create_run(spec, executor="inline")
+    assert execute(run_id, echo=False)["status"] == "succeeded"
+    kept = read_trajectory(config.run_dir(run_id))
+    at = open_page("merge", run=run_id)
+    x, y = traces(plotly_charts(at)["merge_weights"])["weight"]
+    assert x == [f"step {c.step}" for c in kept]
+    assert y == pytest.approx(mwa_weights([c.train_loss for c in kept], "loss", 1.0))
+    by_label(at.number_input, "p (penalty exponent)").set_value(4.0)
+    at.run()
+    _, y = traces(plotly_charts(at)["merge_weights"])["weight"]
+    assert y == pytest.approx(mwa_weights([c.train_loss for c in kept], "loss", 4.0))
+    at.button(key="merge_go").click()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    made = merges.merges_of([run_id])
+    assert sorted(m["summary"]["merge"]["label"] for m in made) == ["mwa loss p=4", "uniform"]
+    assert all(m["status"] == "succeeded" and m["executor"] == "merge" for m in made)
+    chart = traces(plotly_charts(at)["merge_accuracy"])
+    assert chart["sources"] == ([f"step {c.step}" for c in kept], pytest.approx([c.eval_accuracy for c in kept]))
+    assert chart["last checkpoint"][1] == pytest.approx([kept[-1].eval_accuracy])
+    for m in made:
+        label = m["summary"]["merge"]["label"]
+        assert chart[label][1] == pytest.approx([m["summary"]["final_metrics"]["eval_accuracy"]])

@@ -70,13 +70,13 @@ def _assert_schema_is_the_model(engine) -> None:
         for name, table in Base.metadata.tables.items():
             assert {c["name"] for c in insp.get_columns(name)} == {c.name for c in table.columns}, name
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert MigrationContext.configure(conn).get_current_revision() == store.head_revision() == "0004"
+        assert MigrationContext.configure(conn).get_current_revision() == store.head_revision() == "0005"
 
 
 def test_new_database_is_made_by_the_revisions(db_lab):
     engine = store.get_engine()
     _assert_schema_is_the_model(engine)
-    assert store.migrate(engine) == "0004"  # already at head: nothing to do
+    assert store.migrate(engine) == "0005"  # already at head: nothing to do
     with engine.connect() as conn:
         runs = {c["name"]: c for c in inspect(conn).get_columns("runs")}
     assert not runs["attempt"]["nullable"] and runs["owner"]["nullable"]
@@ -97,7 +97,7 @@ def test_old_database_upgrades_in_place(tmp_path, old):
         run = conn.execute(text("SELECT id, status, attempt, owner FROM runs")).one()
         assert tuple(run) == ("run-old", "succeeded", 1, None)
         assert conn.execute(text("SELECT count(*) FROM metrics WHERE run_id = 'run-old'")).scalar() == 1
-    assert store.migrate(engine) == "0004"
+    assert store.migrate(engine) == "0005"
 
 
 def test_database_of_the_previous_revision_gains_studies_and_keeps_its_runs(tmp_path):
@@ -154,13 +154,13 @@ def test_newer_database_is_refused(tmp_path):
     store.migrate(engine)
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
-    with pytest.raises(RuntimeError, match=r"^database schema version 0099 is newer than this code \(0004\): update"):
+    with pytest.raises(RuntimeError, match=r"^database schema version 0099 is newer than this code \(0005\): update"):
         store.migrate(engine)
 
 
 def test_newer_old_style_database_is_refused(tmp_path):
     engine = _engine(tmp_path, [*OLD_SCHEMA_1, *OLD_SCHEMA_2, "INSERT INTO schema_version VALUES (3, '2025-03-01')"])
-    with pytest.raises(RuntimeError, match=r"^database schema version 3 is newer than this code \(0004\): update"):
+    with pytest.raises(RuntimeError, match=r"^database schema version 3 is newer than this code \(0005\): update"):
         store.migrate(engine)
     with engine.connect() as conn:
         assert inspect(conn).has_table("schema_version") and not inspect(conn).has_table("alembic_version")
@@ -174,14 +174,14 @@ def test_a_revision_that_copies_a_table_keeps_the_rows_referencing_it(tmp_path, 
     migrations = shutil.copytree(
         store.MIGRATIONS_DIR, tmp_path / "migrations", ignore=shutil.ignore_patterns("__pycache__")
     )
-    (migrations / "versions" / "0005_copy_runs.py").write_text(
-        "import sqlalchemy as sa\nfrom alembic import op\n\nrevision = '0005'\ndown_revision = '0004'\n\n\n"
+    (migrations / "versions" / "0006_copy_runs.py").write_text(
+        "import sqlalchemy as sa\nfrom alembic import op\n\nrevision = '0006'\ndown_revision = '0005'\n\n\n"
         "def upgrade():\n    with op.batch_alter_table('runs', recreate='always') as batch:\n"
         "        batch.alter_column('name', existing_type=sa.String(200), type_=sa.String(250))\n"
     )
     monkeypatch.setattr(store, "MIGRATIONS_DIR", migrations)
-    assert store.migrate(engine) == "0004"
+    assert store.migrate(engine) == "0005"
     with engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0005"
+        assert MigrationContext.configure(conn).get_current_revision() == "0006"
         assert conn.execute(text("SELECT count(*) FROM metrics WHERE run_id = 'run-old'")).scalar() == 1
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
