@@ -141,6 +141,8 @@ class HFCausalBackend(HFBackend):
             tokenizer.pad_token = tokenizer.eos_token
         net = self.prepare(net)
         cfg = net.config
+        output = {id(p) for p in net.get_output_embeddings().parameters()}  # GPT-2's is tied to the input one
+        probe = ["net." + n for n, p in net.named_parameters() if id(p) in output]
         heads = int(getattr(cfg, "num_attention_heads", getattr(cfg, "n_head", 0)) or 0)
         info = ModelInfo(
             name=name,
@@ -151,7 +153,7 @@ class HFCausalBackend(HFBackend):
             head_names=[],  # the LM head is pretrained: methods leave it frozen, as PEFT's CAUSAL_LM does
             source=str(source),
             num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
-            extra={"probe": ["net.lm_head"]},  # what the linear probe trains
+            extra={"probe": probe},  # the output projection's parameters: what the linear probe trains
         )
         return TaskModel(net, info, self.name, tokenizer)
 
