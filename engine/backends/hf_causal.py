@@ -221,3 +221,48 @@ class HFCausalBackend(HFBackend):
         return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                 "model = AutoModelForCausalLM.from_pretrained('<this directory>')",
                 "tokenizer = AutoTokenizer.from_pretrained('<this directory>')", "```"]  # fmt: skip
+
+    def peft_layout(self, factors: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+        """GPT-2: the split q, k, v of one ``c_attn`` become one LoRA of the fused ``Conv1D`` (``fan_in_fan_out``):
+        ``A = [A_q; A_k; A_v]`` and a block-diagonal ``B`` (zero rows for a part not adapted) of rank ``Σ r``,
+        ``ΔW_fused = s [B_q A_q; B_k A_k; B_v A_v]``, exactly the three updates stacked."""
+        if not any(f.name.endswith(("c_attn.q", "c_attn.k", "c_attn.v")) for f in factors):
+            return factors, {}
+        from dataclasses import replace
+
+        from engine.artifacts import ExportError
+
+        fused: dict[str, dict[str, Any]] = {}
+        out: list[Any] = []
+        for f in factors:
+            parent, _, part = f.name.rpartition(".")
+            if not parent.endswith("c_attn"):
+                out.append(f)
+                continue
+            if f.magnitude is not None:
+                raise ExportError(f"layer {f.name}: PEFT's DoRA on GPT-2's fused c_attn is not written: export merged")
+            fused.setdefault(parent, {})[part] = f
+        for parent, parts in fused.items():
+            first = next(iter(parts.values()))
+            scaling = first.alpha / first.rank
+            d = first.lora_B.shape[0]
+            rank = sum(p.rank for p in parts.values())
+            b = torch.zeros(3 * d, rank, dtype=first.lora_B.dtype)
+            bias = None
+            col = 0
+            for i, key in enumerate("qkv"):
+                p = parts.get(key)
+                if p is None:
+                    continue
+                ratio = (p.alpha / p.rank) / scaling  # each part's own scaling, relative to the fused one
+                b[i * d : (i + 1) * d, col : col + p.rank] = p.lora_B * ratio
+                if p.bias is not None:
+                    bias = torch.zeros(3 * d, dtype=p.bias.dtype) if bias is None else bias
+                    bias[i * d : (i + 1) * d] = p.bias * ratio
+                col += p.rank
+            a = torch.cat([parts[k].lora_A for k in "qkv" if k in parts])
+            agg = {k: sum(getattr(p, k) ** 2 for p in parts.values()) ** 0.5
+                   for k in ("update_norm", "weight_norm", "error_norm")}  # fmt: skip
+            out.append(replace(first, name=parent, lora_A=a, lora_B=b, alpha=scaling * rank, bias=bias,
+                               residual_rank=sum(p.residual_rank for p in parts.values()), **agg))  # fmt: skip
+        return out, {"fan_in_fan_out": True}
