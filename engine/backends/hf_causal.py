@@ -135,9 +135,10 @@ class HFCausalBackend(HFBackend):
         return self.wrap_causal(net, name, name, tok)
 
     def wrap_causal(self, net: nn.Module, name: str, source: str, tokenizer: Any) -> TaskModel:
+        """The transformers net as a ``TaskModel`` (``tokenizer`` None: structure only, for pre-flight)."""
         from engine.models import ModelInfo, TaskModel
 
-        if tokenizer.pad_token_id is None:  # Llama/GPT-2 tokenizers have none: pad with end-of-sequence
+        if tokenizer is not None and tokenizer.pad_token_id is None:  # Llama/GPT-2 have none: pad with the end token
             tokenizer.pad_token = tokenizer.eos_token
         net = self.prepare(net)
         cfg = net.config
