@@ -145,7 +145,9 @@ def _rows(path: Path, limit: int | None = None) -> list[tuple[int, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise LMDataError(f"dataset.name: {path} line {number} is not valid JSON ({err.msg}): fix that line")
+            raise LMDataError(
+                f"dataset.name: {path} line {number} is not valid JSON ({err.msg}): fix that line"
+            ) from None
         if not isinstance(row, dict):
             raise LMDataError(f"dataset.name: {path} line {number} is not a JSON object: write one object per line")
         rows.append((number, row))

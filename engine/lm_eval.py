@@ -88,7 +88,9 @@ def evaluate_lm(model: nn.Module, split: LMSplit, batch_size: int, device: torch
 
 
 @torch.no_grad()
-def greedy_tokens(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, device: torch.device) -> list[int]:
+def greedy_tokens(
+    model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, device: torch.device
+) -> list[int]:
     """Greedy decoding with the lab's forward (the full sequence each step: exact, and short prompts only).
     Stops at the end-of-sequence token."""
     from engine.lm_data import _eos_id
@@ -97,7 +99,7 @@ def greedy_tokens(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens:
     bos = getattr(tokenizer, "bos_token_id", None)
     if not getattr(tokenizer, "chat_template", None) and bos is not None:
         ids = [int(bos)] + ids
-    eos, new = _eos_id(tokenizer), []
+    eos, new = _eos_id(tokenizer), list[int]()
     for _ in range(max_new_tokens):
         x = torch.tensor([ids + new], device=device)
         nxt = int(model({"input_ids": x, "attention_mask": torch.ones_like(x)})[0, -1].argmax())

@@ -46,7 +46,8 @@ class DatasetSpec(_Strict):
     """The data: which dataset, how much of it, and how it is split (the form's "data" section)."""
 
     name: str = Field("tweets-sentiment", title="Dataset",
-                      description="bundled name (tweets-sentiment, digits, tweets-instruct) or a .csv/.jsonl path")  # fmt: skip
+                      description="bundled name (tweets-sentiment, digits, tweets-instruct) or a .csv/.jsonl "
+                      "path")  # fmt: skip
     max_train: int | None = Field(2000, ge=1, title="max train examples",
                                   description="cap on training examples (None, or 0 in the form: all)")  # fmt: skip
     max_eval: int | None = Field(500, ge=1, title="max eval examples",
@@ -62,9 +63,9 @@ class DatasetSpec(_Strict):
                               description="column of a .csv/.jsonl file that holds the label: integer class ids or "
                               "class names")  # fmt: skip
     prompt_column: str = Field("prompt", title="prompt column", json_schema_extra=_meta(advanced=True),
-                               description="instruction data (causal LMs): the column that holds the prompt")  # fmt: skip
+                               description="instruction data (causal LMs): the prompt's column")  # fmt: skip
     response_column: str = Field("response", title="response column", json_schema_extra=_meta(advanced=True),
-                                 description="instruction data (causal LMs): the column that holds the response")  # fmt: skip
+                                 description="instruction data (causal LMs): the response's column")  # fmt: skip
 
 
 class MethodSpec(BaseModel):

@@ -23,10 +23,10 @@ import psutil
 import torch
 from torch import nn
 
+from engine import gpu
 from engine.artifacts import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG_FILE  # re-exported: callers import it here
 from engine.artifacts import ADAPTER_FILE as ADAPTER_FILE
 from engine.artifacts import save_adapter
-from engine import gpu
 from engine.data import DataBundle, iterate_batches, load_data, read_raw
 from engine.lm_data import LMSplit
 from engine.lm_eval import causal_lm_loss, evaluate_lm, write_generations

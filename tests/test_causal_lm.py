@@ -97,8 +97,8 @@ def test_neat_equals_peft_peanut_on_tiny_llama():
     ours, theirs = _twins()
     method = build_method("neat", {"rank": 4, "depth": 1, "scaling": 0.3, "target_roles": ["q", "v", "down"]})
     method.apply(ours)
-    peft_net = get_peft_model(theirs, PeanutConfig(r=4, depth=1, scaling=0.3, act_fn="relu",
-                                                   target_modules=["q_proj", "v_proj", "down_proj"])).eval()  # fmt: skip
+    cfg = PeanutConfig(r=4, depth=1, scaling=0.3, act_fn="relu", target_modules=["q_proj", "v_proj", "down_proj"])
+    peft_net = get_peft_model(theirs, cfg).eval()
     _randomise(ours, method)
     with torch.no_grad():
         for name, layer in method.adapted_layers(ours).items():

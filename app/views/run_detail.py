@@ -9,8 +9,8 @@ import streamlit as st
 import yaml
 
 from app import charts
-from app.generations import show_generations
 from app.common import STATUS_ICONS, elapsed_s, format_duration, resume_button, selected_run_id
+from app.generations import show_generations
 from db import store
 
 st.title("🔎 Run detail")

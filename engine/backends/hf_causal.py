@@ -56,11 +56,15 @@ def is_causal_config(config: Any) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
+def _model_type(net: nn.Module) -> str:
+    return str(getattr(getattr(net, "config", None), "model_type", ""))
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
+def conv1d_to_linear(conv: Any) -> nn.Linear:
     """GPT-2's ``Conv1D(nf, nx)`` (``y = x W + b``, W of shape (nx, nf)) as the equal ``nn.Linear(nx, nf)``."""
     weight = conv.weight
     lin = nn.Linear(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
@@ -141,8 +145,9 @@ class HFCausalBackend(HFBackend):
         if tokenizer is not None and tokenizer.pad_token_id is None:  # Llama/GPT-2 have none: pad with the end token
             tokenizer.pad_token = tokenizer.eos_token
         net = self.prepare(net)
-        cfg = net.config
-        output = {id(p) for p in net.get_output_embeddings().parameters()}  # GPT-2's is tied to the input one
+        cfg: Any = net.config
+        output_layer: Any = net.get_output_embeddings()  # type: ignore[operator]  # a transformers model
+        output = {id(p) for p in output_layer.parameters()}  # GPT-2's is tied to the input one
         probe = ["net." + n for n, p in net.named_parameters() if id(p) in output]
         heads = int(getattr(cfg, "num_attention_heads", getattr(cfg, "n_head", 0)) or 0)
         info = ModelInfo(
@@ -163,7 +168,7 @@ class HFCausalBackend(HFBackend):
         Other architectures already have plain linears."""
         from engine.models import SplitQKV
 
-        for name, module in list(net.named_modules()):
+        for module in list(net.modules()):
             for child_name, child in list(module.named_children()):
                 if _is_conv1d(child):
                     lin = conv1d_to_linear(child)
@@ -180,7 +185,7 @@ class HFCausalBackend(HFBackend):
         from engine.models import SplitQKV
 
         state = {k: v.detach() for k, v in model.net.state_dict().items()}
-        if model.net.config.model_type != "gpt2":
+        if _model_type(model.net) != "gpt2":
             return state
         for name, module in model.net.named_modules():
             if isinstance(module, SplitQKV):
@@ -197,17 +202,18 @@ class HFCausalBackend(HFBackend):
         from transformers import AutoModelForCausalLM
 
         net = model.net
-        if net.config.model_type != "gpt2":
+        if _model_type(net) != "gpt2":
             return net
         with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(net.config)
+            plain = AutoModelForCausalLM.from_config(getattr(net, "config"))  # noqa: B009  (an nn.Module attribute)
         plain.load_state_dict(self.plain_state_dict(model), assign=True)
         return plain
 
     def save_merged(
         self, model: TaskModel, directory: Path, *, labels: list[str], lab_model: str, options: dict[str, Any]
     ) -> list[str]:
-        self.plain_net(model).save_pretrained(str(directory))
+        plain: Any = self.plain_net(model)  # a transformers PreTrainedModel
+        plain.save_pretrained(str(directory))
         model.tokenizer.save_pretrained(str(directory))
         return []
 

@@ -302,8 +302,10 @@ def adapter_importance(model, layers: list[tuple[int, HeadMaskedLayer]], blocks:
     to the sum over the ΔW slices, see the module docstring)."""
     row = {b: i for i, b in enumerate(blocks)}
     sliced = [
-        (block, p, axis, layer.heat_mask.num_heads) for block, layer in layers for p, axis in layer.head_sliced_parameters()
-    ]  # fmt: skip
+        (block, p, axis, layer.heat_mask.num_heads)
+        for block, layer in layers
+        for p, axis in layer.head_sliced_parameters()
+    ]
     params = [p for _, p, _, _ in sliced]
 
     def signed(grads):
