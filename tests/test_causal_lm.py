@@ -18,7 +18,7 @@ from engine.lm_eval import causal_lm_loss, choice_accuracy, choice_scores, evalu
 from engine.methods import build_method
 from engine.methods.heat import group_mask
 from engine.models import load_model
-from engine.spec import DatasetSpec
+from engine.spec import DatasetSpec, parse_spec
 from tests.conftest import tiny_lm_batch
 
 LLAMA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "up": "up_proj", "down": "down_proj"}
@@ -303,3 +303,26 @@ def test_multiple_choice_jsonl_and_bad_lines(tmp_path):
     bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
     with pytest.raises(LMDataError, match=r"line 1: answer 5 is neither"):
         read_raw(DatasetSpec(name=str(bad)))
+
+
+# --- GPU-only switches -------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusals are for machines without CUDA")
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"train": {"bf16_weights": True}}, "train.bf16_weights needs a CUDA GPU"),
+        ({"train": {"gradient_checkpointing": True}}, "train.gradient_checkpointing needs a CUDA GPU"),
+        ({"model_options": {"load_in_4bit": True}}, "model_options.load_in_4bit needs a CUDA GPU"),
+    ],
+)
+def test_gpu_switches_are_refused_in_one_line_without_cuda(overrides, field):
+    from engine.errors import UserError
+    from engine.train import prepare
+    from tests.conftest import tiny_spec
+
+    spec = parse_spec(tiny_spec(model="tiny-llama", dataset={"name": "tweets-instruct"}, **overrides))
+    with pytest.raises(UserError) as err:
+        prepare(spec)
+    assert str(err.value).startswith(field) and "\n" not in str(err.value)
