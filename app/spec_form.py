@@ -25,6 +25,7 @@ from engine.spec import SpecField, spec_fields
 
 CUSTOM_MODEL = "other (hub id, local directory or timm/<name>)"
 FILE_DATASET = "other (a file, a directory or a hub id)"
+TASKS = ("classification", "causal LM (instruction tuning)")
 COLUMNS = 3
 
 
@@ -124,21 +125,41 @@ def _bundled_or_other(
     return st.text_input(other_label, "" if start in bundled else start, key=other_key).strip()
 
 
+def _task_choices(start_model: Any) -> bool:
+    """The task radio above the model: classification or a causal LM (instruction tuning); True for the latter.
+    It narrows the bundled models and datasets offered (a hub model or a file is judged by its contents)."""
+    from engine.backends.hf_causal import TINY
+
+    options = list(TASKS)
+    default = TASKS[1] if start_model in TINY else TASKS[0]
+    task = st.radio("Task", options, index=options.index(default), horizontal=True, key="launch_task",
+                    help="a causal LM trains on instruction data (prompt/response or multiple choice)")  # fmt: skip
+    return task == TASKS[1]
+
+
 def model_widget(field: SpecField, start: Any, problems: list[str]) -> str:
-    """A bundled model, or any other by name or path."""
+    """A bundled model of the chosen task, or any other by name or path."""
+    from engine.backends.hf_causal import TINY
     from engine.models import BUNDLED
 
-    name = _bundled_or_other(field, start, BUNDLED, CUSTOM_MODEL, "Model name or path", "custom_model")
+    causal = _task_choices(start)
+    bundled = {k: v for k, v in BUNDLED.items() if (k in TINY) == causal}
+    start = next(iter(bundled)) if start in BUNDLED and start not in bundled else start  # the other task's model
+    name = _bundled_or_other(field, start, bundled, CUSTOM_MODEL, "Model name or path", "custom_model")
     if not name:
         problems.append("model: enter a hub id, a local directory or timm/<name>")
     return name
 
 
 def dataset_widget(field: SpecField, start: Any, problems: list[str]) -> str:
-    """A bundled dataset, or another by path (CSV, JSONL, Parquet, Arrow, a directory) or hub id."""
+    """A bundled dataset of the chosen task, or another by path (CSV, JSONL, Parquet, Arrow, a directory) or hub id."""
     from engine.data import BUNDLED
+    from engine.lm_data import BUNDLED as INSTRUCTIONS
 
-    path = _bundled_or_other(field, start, BUNDLED, FILE_DATASET, "Dataset path or hub id", "data_path")
+    causal = st.session_state.get("launch_task") == TASKS[1]
+    bundled = {k: v for k, v in BUNDLED.items() if (k in INSTRUCTIONS) == causal}
+    start = next(iter(bundled)) if start in BUNDLED and start not in bundled else start  # the other task's data
+    path = _bundled_or_other(field, start, bundled, FILE_DATASET, "Dataset path or hub id", "data_path")
     if not path:
         problems.append("dataset.name: enter a data file, a dataset directory or a hub id")
     return path

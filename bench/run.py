@@ -5,6 +5,9 @@ Run on demand, never by the test suite. Benchmarks (``--only`` takes these names
 * ``peft``: our LoRA train step / PEFT's LoRA train step (target ≤ 0.95), and the frozen floor (head only);
 * ``methods``: each method's step / our LoRA step at a similar trainable budget (≤ 1.25), peak memory;
 * ``merged``: merged LoRA inference / base model inference (≤ 1.02);
+* ``causal-peft``: our LoRA train step / PEFT's on tiny-llama and a ~100M-parameter random-init Llama (≤ 1.0), and
+  the peak memory of each; ``causal-methods``: each method's step / our LoRA's on that Llama (≤ 1.25), see
+  ``bench/bench_causal.py``;
 * ``analysis``: ΔW spectra via factors / via SVD (≤ 0.1), 21×21 landscape batched / loop (≤ 0.5), by running
   ``bench/bench_analysis.py`` and reading its report;
 * ``ray``: submit → first training step on a warm local Ray head (≤ 5 s);
@@ -82,6 +85,20 @@ ANALYSIS_LINE = re.compile(
 ANALYSIS_NAMES = {"a": "ΔW spectra: via factors / via full SVD", "b": "2-D landscape 21×21: batched / naive loop"}
 
 
+def run_causal_peft(s: Settings) -> list[Figure]:
+    from bench.bench_causal import Workload, bench_causal_peft
+
+    work = Workload(4, 64, reps=s.count(2, 5), inner=1, warmup=1, clock=s.clock)
+    return bench_causal_peft(s.device, work, ("tiny-llama", "llama-100m"))
+
+
+def run_causal_methods(s: Settings) -> list[Figure]:
+    from bench.bench_causal import Workload, bench_causal_methods
+
+    work = Workload(1, 32, reps=s.count(2, 3), inner=1, warmup=1, clock=s.clock)
+    return bench_causal_methods(s.device, work, s.methods)
+
+
 def run_analysis(s: Settings) -> list[Figure]:
     """``bench/bench_analysis.py`` in a child process; its two report lines become two figures."""
     cmd = [sys.executable, ANALYSIS_SCRIPT, "--reps", str(s.count(2, 5)), "--device", s.device.type]
@@ -130,6 +147,8 @@ BENCHMARKS: dict[str, Callable[[Settings], list[Figure]]] = {
     "peft": run_peft,
     "methods": run_methods,
     "merged": run_merged,
+    "causal-peft": run_causal_peft,
+    "causal-methods": run_causal_methods,
     "analysis": run_analysis,
     "ray": run_ray,
     "study": run_study,

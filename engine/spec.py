@@ -47,8 +47,8 @@ class DatasetSpec(_Strict):
     """The data: which dataset, how much of it, and how it is split (the form's "data" section)."""
 
     name: str = Field("tweets-sentiment", title="Dataset",
-                      description="bundled name (tweets-sentiment, digits), a .csv/.jsonl/.parquet/.arrow file, a "
-                      "save_to_disk or image-folder directory, or a hub dataset id")  # fmt: skip
+                      description="bundled name (tweets-sentiment, digits, tweets-instruct), a .csv/.jsonl/.parquet/"
+                      ".arrow file, a save_to_disk or image-folder directory, or a hub dataset id")  # fmt: skip
     config: str | None = Field(None, title="hub config", json_schema_extra=_meta(advanced=True),
                                description="the dataset's configuration (a GLUE task: cola, sst2, ...)")  # fmt: skip
     split: str = Field("train", title="train split", json_schema_extra=_meta(advanced=True),
@@ -85,6 +85,11 @@ class DatasetSpec(_Strict):
     metric: str | None = Field(None, title="headline metric", json_schema_extra=_meta(advanced=True),
                                description="the metric a run is judged by (None: eval_accuracy for classification, "
                                "eval_pearson for regression)")  # fmt: skip
+
+    prompt_column: str = Field("prompt", title="prompt column", json_schema_extra=_meta(advanced=True),
+                               description="instruction data (causal LMs): the prompt's column")  # fmt: skip
+    response_column: str = Field("response", title="response column", json_schema_extra=_meta(advanced=True),
+                                 description="instruction data (causal LMs): the response's column")  # fmt: skip
 
     @field_validator("metric")
     @classmethod
@@ -147,6 +152,11 @@ class TrainSpec(_Strict):
         json_schema_extra=_meta(advanced=True),
         description="also checkpoint every N optimizer steps (None: by time and at epoch ends only)",
     )
+    bf16_weights: bool = Field(False, title="bf16 base weights (GPU)", json_schema_extra=_meta(advanced=True),
+                               description="store the frozen base in bfloat16 (needs CUDA)")  # fmt: skip
+    gradient_checkpointing: bool = Field(False, title="gradient checkpointing (GPU)",
+                                         json_schema_extra=_meta(advanced=True),
+                                         description="recompute activations in the backward (needs CUDA)")  # fmt: skip
     checkpoint_every_s: float = Field(
         60.0,
         ge=1.0,

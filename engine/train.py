@@ -23,10 +23,13 @@ import psutil
 import torch
 from torch import nn
 
+from engine import gpu
 from engine.artifacts import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG_FILE  # re-exported: callers import it here
 from engine.artifacts import ADAPTER_FILE as ADAPTER_FILE
 from engine.artifacts import save_adapter
 from engine.data import DataBundle, ImagePrep, iterate_batches, load_data, read_raw
+from engine.lm_data import LMSplit
+from engine.lm_eval import causal_lm_loss, evaluate_lm, write_generations
 from engine.methods import Method, TrainContext, build_method
 from engine.metrics import compute as compute_metrics
 from engine.models import TaskModel, count_parameters, load_model
@@ -147,6 +150,7 @@ def prepare(spec: RunSpec) -> Prepared:
     torch.manual_seed(spec.train.seed)
     if spec.train.num_threads:
         torch.set_num_threads(spec.train.num_threads)
+    gpu.check(spec.train, spec.model_options)  # GPU-only switches refused here, before any work
     t_data = time.perf_counter()
     raw = read_raw(spec.dataset)
     data_s = time.perf_counter() - t_data
@@ -165,6 +169,7 @@ def prepare(spec: RunSpec) -> Prepared:
     torch.manual_seed(spec.train.seed)  # adapter init depends on the seed only, not on loading order
     method = build_method(spec.method.name, spec.method.params)
     method.apply(model)
+    gpu.apply(model.net, spec.train)
     device = pick_device(spec.train.device)
     return Prepared(spec, model.to(device), method, data, device, data_s)
 
@@ -187,6 +192,8 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     """The task's loss and the model's outputs: cross-entropy on class ids, or the mean squared error of the one
     output when the labels are regression targets (floats)."""
     logits = model(batch)
+    if logits.dim() == 3:  # a causal LM: next-token loss over the response tokens
+        return causal_lm_loss(logits, batch["labels"]), logits
     if batch["labels"].is_floating_point():
         return nn.functional.mse_loss(logits.float().squeeze(-1), batch["labels"].float()), logits
     return nn.functional.cross_entropy(logits.float(), batch["labels"]), logits
@@ -195,6 +202,8 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
 @torch.no_grad()
 def evaluate(model: nn.Module, split, batch_size: int, device: torch.device) -> dict[str, float]:
     """``eval_loss`` and the task's metrics (``engine.metrics``) on a split."""
+    if isinstance(split, LMSplit):  # a causal LM: loss, perplexity, multiple-choice accuracy
+        return evaluate_lm(model, split, batch_size, device)
     was_training = model.training
     model.eval()
     loss_sum, n, outputs, labels = 0.0, 0, [], []
@@ -425,6 +434,8 @@ def train(
             path = out_dir / f"{kind}.json"
             path.write_text(json.dumps(hook_data))
             artifacts[kind] = str(path)
+    if isinstance(data.eval, LMSplit):  # base vs adapted greedy generations of a few evaluation prompts
+        artifacts["generations"] = str(write_generations(prep, out_dir))
     trainable, _ = count_parameters(model)  # a method may have changed its trainable set (Pear prunes)
     peak_rss = max(peak_rss, process.memory_info().rss)
     steps_done = max(step, 1)

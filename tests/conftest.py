@@ -106,7 +106,20 @@ def tiny_image_batch(n: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"images": torch.rand(n, 3, 8, 8, generator=g), "labels": torch.zeros(n, dtype=torch.long)}
 
 
+def tiny_lm_batch(n: int = 3, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded token sequences with response-only labels (-100 on the prompt and the padding)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[0, -2:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # the prompt
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 def batch_for(model, seed: int = 0) -> dict[str, torch.Tensor]:
+    if model.info.modality == "causal-lm":
+        return tiny_lm_batch(seed=seed)
     return tiny_text_batch(model, seed=seed) if model.info.modality == "text" else tiny_image_batch(seed=seed)
 
 

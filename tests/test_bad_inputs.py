@@ -42,7 +42,7 @@ def test_the_bundled_models_facts_match_the_models():
     from engine.models import load_model, minilm_path
     from engine.preflight import BUNDLED_FACTS, _facts, _hf_facts
 
-    for name in ("tiny-bert", "tiny-vit", "tiny-hf-vit"):
+    for name in ("tiny-bert", "tiny-vit", "tiny-hf-vit", "tiny-llama", "tiny-gpt2"):
         assert _facts(load_model(name, 2), "bundled") == BUNDLED_FACTS[name], name
     assert _hf_facts(AutoConfig.from_pretrained(minilm_path()), "bundled", False) == BUNDLED_FACTS["minilm-l6"]
 

@@ -1,4 +1,4 @@
-"""The one contract every registered method passes, on a tiny text model and a tiny vision model.
+"""The one contract every registered method passes, on tiny text, vision and causal language models.
 
 A new method joins automatically (the registry is iterated); ``Method.test_params`` sets its small
 test configuration. Checks: inject, forward, backward, parameter count = closed form, ΔW consistent with
@@ -10,11 +10,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.lm_eval import causal_lm_loss
 from engine.methods import build_method, get_method, method_names
 from engine.models import load_model
 from tests.conftest import batch_for
 
-MODELS = ["tiny-bert", "tiny-vit", "tiny-hf-vit"]
+MODELS = ["tiny-bert", "tiny-vit", "tiny-hf-vit", "tiny-llama", "tiny-gpt2"]
+
+
+def _loss(model, batch, logits):
+    """Cross-entropy of the task: classes (shape (3, 5)) or next tokens over the response (causal LMs)."""
+    if model.info.modality == "causal-lm":
+        assert logits.shape[:2] == batch["input_ids"].shape
+        return causal_lm_loss(logits, batch["labels"])
+    assert logits.shape == (3, 5)
+    return torch.nn.functional.cross_entropy(logits, batch["labels"])
 
 
 def _adapted(method_name: str, model_name: str, seed: int = 0):
@@ -42,9 +52,7 @@ CASES = [(m, mdl) for m in method_names() for mdl in MODELS]
 def test_forward_backward_and_counts(method_name, model_name):
     model, method = _adapted(method_name, model_name)
     batch = batch_for(model)
-    logits = model(batch)
-    assert logits.shape == (3, 5)
-    torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+    _loss(model, batch, model(batch)).backward()
     head = set(model.head_parameter_names())
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert all(n in head or method.is_adapter_key(n) for n in trainable)

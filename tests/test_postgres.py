@@ -177,7 +177,9 @@ def test_two_processes_migrating_at_once_take_turns(postgres_url):
         assert [p.returncode for p in procs] == [0, 0], outputs
         assert sorted(out.strip() for out, _ in outputs) == sorted(["None", store.head_revision()])
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [store.head_revision()]
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [
+                store.head_revision()
+            ]
     finally:
         engine.dispose()
 

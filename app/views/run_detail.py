@@ -10,6 +10,7 @@ import yaml
 
 from app import charts
 from app.common import STATUS_ICONS, elapsed_s, format_duration, resume_button, selected_run_id
+from app.generations import show_generations
 from db import store
 
 st.title("🔎 Run detail")
@@ -66,7 +67,7 @@ def detail() -> None:
 
     metrics = store.get_metrics([run_id])
     if not metrics.empty:
-        keys = [k for k in ("train_loss", "eval_loss", "eval_accuracy", "lr") if k in set(metrics["key"])]
+        keys = [k for k in ("train_loss", "eval_loss", "eval_accuracy", "perplexity", "lr") if k in set(metrics["key"])]
         cols = st.columns(2)
         for i, key in enumerate(keys):
             cols[i % 2].plotly_chart(charts.metric_curves(metrics, key, {run_id: run["method"]}), key=f"curve_{key}")
@@ -93,6 +94,7 @@ def detail() -> None:
         if arts:
             st.dataframe(pd.DataFrame(arts)[["kind", "path", "bytes", "sha256"]], hide_index=True, width="stretch")
         downloads(run_id, arts)
+    show_generations(arts)  # causal LMs: base vs adapted greedy generations
     from jobs.runs import job_logs
 
     with st.expander("Log (tail)", expanded=run["status"] == "failed"):

@@ -103,7 +103,7 @@ def _loss_and_correct(objective: Objective, model: nn.Module, batch: Any) -> tup
     """(mean loss, number of correct predictions; NaN when the objective gives no logits or the batch no labels)."""
     loss, logits = objective(model, batch)
     labels = _labels(batch)
-    if logits is None or labels is None:
+    if logits is None or labels is None or labels.dim() != 1:  # token labels (a causal LM): no class accuracy
         correct = torch.full((), float("nan"), device=loss.device, dtype=torch.float64)
     else:
         correct = (logits.argmax(-1) == labels).sum().double()

@@ -73,6 +73,17 @@ class Backend(ABC):
         merged layout keeps this refusal (merged export is optional)."""
         raise UserError(f"model backend {self.name} has no merged format: export the native or PEFT format instead")
 
+    # -- PEFT export ------------------------------------------------------------------------------
+    def peft_layout(self, factors: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+        """PEFT LoRA factors (``engine.export.peft_format.LayerFactors``) in the library's own module layout (e.g. a
+        split projection fused back), and extra ``LoraConfig`` fields; unchanged by default."""
+        return factors, {}
+
+    def save_peft_base(self, base: TaskModel, directory: Path) -> str | None:
+        """Write the base model into a PEFT export when PEFT could not find it otherwise (a bundled random-init
+        model); returns its path relative to ``directory``, None when nothing is written (the default)."""
+        return None
+
     def merged_card(self) -> list[str]:
         """Model-card lines that show how to load a merged export."""
         return []

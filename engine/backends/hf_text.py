@@ -24,7 +24,9 @@ class HFTextBackend(HFBackend):
         return name in ("minilm-l6", "tiny-bert")
 
     def accepts_config(self, config: Any) -> bool:
-        return not is_image_config(config)
+        from engine.backends.hf_causal import is_causal_config  # a causal LM is the hf-causal-lm backend's
+
+        return not is_image_config(config) and not is_causal_config(config)
 
     def load(self, name: str, num_labels: int, options: dict[str, Any], trust_remote_code: bool) -> TaskModel:
         from transformers import AutoTokenizer

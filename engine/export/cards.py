@@ -112,8 +112,12 @@ def peft_card(meta: AdapterMeta, model: TaskModel, report: dict[str, Any], summa
     if report["lora_bias"]:
         card.append("\nThe method changes biases: they are carried by `lora_bias` (a bias on lora_B).")
     hub_name = _peft_base_name(meta, model)
-    if hub_name is not None:
-        load_call = f"{auto}.from_pretrained({json.dumps(hub_name)}, num_labels={meta.num_labels})"
+    labels_arg = f", num_labels={meta.num_labels}" if model.info.head_names else ""  # a causal LM has no task head
+    if report.get("base_model_dir"):  # the bundled base travels with the export
+        base_dir = report["base_model_dir"]
+        build = [f"from transformers import {auto}", f"base = {auto}.from_pretrained('<this directory>/{base_dir}')"]
+    elif hub_name is not None:
+        load_call = f"{auto}.from_pretrained({json.dumps(hub_name)}{labels_arg})"
         build = [f"from transformers import {auto}", f"base = {load_call}"]
     else:  # a PEFT Lab test model built from a seed: only the lab can rebuild its weights
         build = [

@@ -301,6 +301,7 @@ def write_peft(
     flags = dict(variant.flags) if variant is not None else {}
     use_dora = bool(flags.pop("use_dora", False))
     factors = lora_factors(model, method, base, svd_rank=svd_rank, factor_rank=factor_rank, variant=variant)
+    factors, layout_options = model.backend.peft_layout(factors)  # e.g. GPT-2: q, k, v fused back into c_attn
     use_bias = any(f.bias is not None for f in factors)
     if use_dora and use_bias:
         raise ExportError("PEFT cannot combine DoRA with lora_bias, and this adapter changes a bias")
@@ -339,8 +340,10 @@ def write_peft(
         revision=meta.base_model.revision if meta.base_model is not None else None,
         inference_mode=True,
         **flags,
+        **layout_options,
     )
     lora_config.save_pretrained(str(directory))
+    carried = model.backend.save_peft_base(base, directory)  # a bundled random-init base travels with it
     residual = sum(f.residual_rank for f in factors)
     return {
         "mode": "svd" if svd_rank is not None else "factors" if factor_rank is not None else "exact",
@@ -354,4 +357,5 @@ def write_peft(
         "weight_error": _aggregate(factors, "weight_norm"),
         "layer_errors": {f.name: f.relative_error for f in factors},
         "residual_components": residual,
+        "base_model_dir": carried,
     }

@@ -40,11 +40,16 @@ class LinearProbe(Method):
     summary = "Linear probe: only the classification head trains"
     paper = "baseline"
 
+    def __init__(self, config: FullConfig | None = None):
+        super().__init__(config)
+        self.probe: set[str] = set()  # a model without a task head (a causal LM): its output projection trains
+
     def is_adapter_key(self, key: str) -> bool:
-        return False
+        return key in self.probe
 
     def inject(self, model) -> None:
-        pass
+        if not model.info.head_names:
+            self.probe = set(model.info.extra.get("probe", []))
 
     def adapter_param_count(self, model) -> int:
-        return 0
+        return sum(p.numel() for n, p in model.named_parameters() if self.is_adapter_key(n))

@@ -105,6 +105,26 @@ class HeadMask(nn.Module):
         return t * self.features().to(t.dtype)
 
 
+def layer_heads(role: str, num_heads: int, num_kv_heads: int | None) -> int:
+    """Heads a layer's features split into: key/value heads for k and v under grouped-query attention."""
+    return (num_kv_heads or num_heads) if role in ("k", "v") else num_heads
+
+
+def to_query_heads(scores: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Scores of ``n_kv`` key/value heads spread over the ``num_heads`` query heads that share them: query head h
+    of group g = h // (num_heads / n_kv) gets ``score_g / group size`` (the group's total is kept)."""
+    group = num_heads // scores.numel()
+    return scores.repeat_interleave(group) / group if group > 1 else scores
+
+
+def group_mask(query_mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """A layer's head mask from the query heads' one: a key/value head is masked only when every query head of its
+    group is (it still serves any kept query head)."""
+    if heads == query_mask.numel():
+        return query_mask
+    return query_mask.reshape(heads, -1).amax(1)
+
+
 def _head_axis(role: str) -> int:
     """0 when heads split the layer's outputs (rows of W: q, k, v), 1 when they split its inputs (o)."""
     return 1 if role == "o" else 0
@@ -240,7 +260,9 @@ def weight_importance(model, blocks: list[int], num_heads: int, batches, loss_fn
     def signed(grads):
         out = torch.zeros(len(blocks), num_heads, device=weights[0].device)
         for layer, w, g in zip(layers, weights, grads):
-            out[row[layer.block]] += per_head_sum(w.detach() * g, num_heads, _head_axis(layer.role)).float()
+            heads = layer_heads(layer.role, num_heads, model.info.num_kv_heads)
+            out[row[layer.block]] += to_query_heads(per_head_sum(w.detach() * g, heads, _head_axis(layer.role)),
+                                                    num_heads).float()  # fmt: skip
         return out
 
     with _calibration_mode(model, weights):
@@ -279,13 +301,17 @@ def adapter_importance(model, layers: list[tuple[int, HeadMaskedLayer]], blocks:
     """Strategy ``adapter``: ``|Σ θ · ∂L/∂θ|`` over head h's slices of the adapters of its block (LoRA: equal
     to the sum over the ΔW slices, see the module docstring)."""
     row = {b: i for i, b in enumerate(blocks)}
-    sliced = [(block, p, axis) for block, layer in layers for p, axis in layer.head_sliced_parameters()]
-    params = [p for _, p, _ in sliced]
+    sliced = [
+        (block, p, axis, layer.heat_mask.num_heads)
+        for block, layer in layers
+        for p, axis in layer.head_sliced_parameters()
+    ]
+    params = [p for _, p, _, _ in sliced]
 
     def signed(grads):
         out = torch.zeros(len(blocks), num_heads, device=params[0].device)
-        for (block, p, axis), g in zip(sliced, grads):
-            out[row[block]] += per_head_sum(p.detach() * g, num_heads, axis).float()
+        for (block, p, axis, heads), g in zip(sliced, grads):
+            out[row[block]] += to_query_heads(per_head_sum(p.detach() * g, heads, axis), num_heads).float()
         return out
 
     with _calibration_mode(model, params):
@@ -348,9 +374,10 @@ class HEAT(Method):
     def make_layer(self, base, layer, model):
         cfg: HEATConfig = self.config
         axis = _head_axis(layer.role)
+        heads = layer_heads(layer.role, model.info.num_heads, model.info.num_kv_heads)
         if cfg.base == "lora":
-            return HeadMaskedLoRALinear(base, cfg.rank, cfg.lora_scaling(), cfg.dropout, model.info.num_heads, axis)
-        return HeadMaskedAdapterLinear(base, cfg.adapter_dim, cfg.adapter_scale, model.info.num_heads, axis)
+            return HeadMaskedLoRALinear(base, cfg.rank, cfg.lora_scaling(), cfg.dropout, heads, axis)
+        return HeadMaskedAdapterLinear(base, cfg.adapter_dim, cfg.adapter_scale, heads, axis)
 
     def peft_lora_options(self) -> PeftLoraOptions | None:
         """The LoRA base as PEFT's LoRA (masked heads are zero rows or columns of its factors); the bottleneck
@@ -398,7 +425,7 @@ class HEAT(Method):
         self.head_mask = head_mask
         row = {b: i for i, b in enumerate(self.blocks)}
         for block, layer in self._masked_layers(model):
-            layer.heat_mask.heads.copy_(head_mask[row[block]])
+            layer.heat_mask.heads.copy_(group_mask(head_mask[row[block]], layer.heat_mask.num_heads))
             keep = layer.heat_mask.features()
             for p, axis in layer.head_sliced_parameters():
                 p.mul_(keep[:, None] if axis == 0 else keep[None, :])
@@ -462,7 +489,8 @@ class HEAT(Method):
         masked_params = 0
         for _, layer in self._masked_layers(model):
             n_masked = int((layer.heat_mask.heads == 0).sum())
-            masked_params += sum(p.numel() // self.num_heads * n_masked for p, _ in layer.head_sliced_parameters())
+            heads = layer.heat_mask.num_heads
+            masked_params += sum(p.numel() // heads * n_masked for p, _ in layer.head_sliced_parameters())
         return {
             "strategy": self.config.strategy,
             "blocks": self.blocks,

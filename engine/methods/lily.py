@@ -52,7 +52,7 @@ from torch.nn import functional as F
 
 from engine.methods.base import AdaptedLinear, Method, TargetedConfig, TrainContext, register_method
 
-MLP_ROLES = ("fc1", "fc2")
+MLP_ROLES = ("fc1", "fc2", "gate", "up", "down")
 
 
 class LilyConfig(TargetedConfig):
