@@ -251,6 +251,8 @@ def _read_raw(spec: DatasetSpec) -> RawData:
 
     if lm_data.is_instruction_source(spec):
         return lm_data.read_instructions(spec)  # type: ignore[return-value]  # read by lm_data.load_instructions
+    if spec.task == "auto" and lm_data.is_choice_file(spec):  # question/choices/answer rows, undeclared
+        spec = spec.model_copy(update={"task": "multiple_choice", "text_column": "question", "label_column": "answer"})
     source = _source(spec)
     raw = source.read(spec, spec.split, "dataset.split")
     if spec.eval_split:
@@ -261,6 +263,8 @@ def _read_raw(spec: DatasetSpec) -> RawData:
             evaluation = source.read(spec, spec.eval_split, "dataset.eval_split")
         raw.eval = _aligned(raw, evaluation, spec)
         raw.fingerprint += ":" + evaluation.fingerprint
+    if raw.task == "multiple_choice":  # scored by a causal LM's log-likelihood of each choice (engine.lm_data)
+        return lm_data.from_choices(raw)  # type: ignore[return-value]
     return raw
 
 

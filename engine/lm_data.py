@@ -58,7 +58,11 @@ class InstructionData:
     answers: np.ndarray | None = None  # index of the right choice
     label_names: list[str] = field(default_factory=list)  # a fixed choice set (tweets-instruct), for tables
     modality: str = "causal-lm"
-    task: str = "causal_lm"
+    task: str = "causal_lm"  # "multiple_choice" when read from question/choices/answer data
+    eval: InstructionData | None = None  # the benchmark's own evaluation split (dataset.eval_split), if named
+
+    def __len__(self) -> int:
+        return len(self.prompts)
 
     @property
     def labels(self) -> np.ndarray:
@@ -125,7 +129,34 @@ def is_instruction_source(spec: Any) -> bool:
         first = _rows(path, limit=1)[0][1]
     except (LMDataError, IndexError):
         return False
-    return (spec.prompt_column in first and spec.response_column in first) or all(f in first for f in MC_FIELDS)
+    return spec.prompt_column in first and spec.response_column in first
+
+
+def is_choice_file(spec: Any) -> bool:
+    """Whether ``dataset.name`` is a .csv/.jsonl file whose rows are question, choices and answer."""
+    path = Path(spec.name)
+    if not path.is_file() or path.suffix not in (".csv", ".jsonl", ".json"):
+        return False
+    try:
+        first = _rows(path, limit=1)[0][1]
+    except (LMDataError, IndexError):
+        return False
+    return all(f in first for f in MC_FIELDS)
+
+
+def from_choices(raw: Any) -> InstructionData:
+    """Multiple-choice data read by ``engine.data`` (any source: a file, a table, the hub) as instruction pairs:
+    the prompt is the context (``text_pair_column``, e.g. BoolQ's passage), the question and the options; the
+    response is the right choice."""
+    prompts = [
+        (f"{raw.pairs[i]}\n" if raw.pairs else "") + f"{q}\nOptions: {' / '.join(raw.choices[i])}"
+        for i, q in enumerate(raw.inputs)
+    ]
+    answers = np.asarray(raw.labels, dtype=np.int64)
+    responses = [raw.choices[i][a] for i, a in enumerate(answers)]
+    evaluation = from_choices(raw.eval) if getattr(raw, "eval", None) is not None else None
+    return InstructionData(prompts, responses, [list(c) for c in raw.choices], answers, task="multiple_choice",
+                           eval=evaluation)  # fmt: skip
 
 
 def _rows(path: Path, limit: int | None = None) -> list[tuple[int, dict]]:
@@ -167,9 +198,7 @@ def read_instructions(spec: Any) -> InstructionData:
     rows = _rows(path)
     if not rows:
         raise LMDataError(f"dataset.name: {path} has no rows: write one example per line")
-    if spec.prompt_column in rows[0][1] and spec.response_column in rows[0][1]:
-        return _pairs(path, rows, spec.prompt_column, spec.response_column)
-    return _multiple_choice(path, rows)
+    return _pairs(path, rows, spec.prompt_column, spec.response_column)
 
 
 def _tweets_instruct() -> InstructionData:
@@ -193,32 +222,6 @@ def _pairs(path: Path, rows: list[tuple[int, dict]], prompt_col: str, response_c
         prompts.append(str(row[prompt_col]))
         responses.append(str(row[response_col]))
     return InstructionData(prompts, responses)
-
-
-def _multiple_choice(path: Path, rows: list[tuple[int, dict]]) -> InstructionData:
-    prompts, responses, choices, answers = [], [], [], []
-    for number, row in rows:
-        missing = [f for f in MC_FIELDS if f not in row]
-        if missing:
-            raise LMDataError(
-                f"dataset.name: {path} line {number} lacks {', '.join(missing)}: write prompt/response columns "
-                "(dataset.prompt_column, dataset.response_column) or question, choices and answer"
-            )
-        opts, answer = row["choices"], row["answer"]
-        if not isinstance(opts, list) or len(opts) < 2 or not all(isinstance(c, str) and c for c in opts):
-            raise LMDataError(f"dataset.name: {path} line {number}: choices must be a list of 2+ non-empty strings")
-        if isinstance(answer, str) and answer in opts:
-            answer = opts.index(answer)
-        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(opts):
-            raise LMDataError(
-                f"dataset.name: {path} line {number}: answer {answer!r} is neither a choice's index "
-                f"(0 to {len(opts) - 1}) nor one of the choices"
-            )
-        prompts.append(f"{row['question']}\nOptions: {' / '.join(opts)}")
-        responses.append(opts[answer])
-        choices.append(list(opts))
-        answers.append(answer)
-    return InstructionData(prompts, responses, choices, np.array(answers, dtype=np.int64))
 
 
 # --- encoding --------------------------------------------------------------------------------------
@@ -306,10 +309,11 @@ def load_instructions(spec: Any, tokenizer: Any, raw: InstructionData) -> LMBund
 
     if tokenizer is None:
         raise LMDataError(f"dataset {spec.name!r} is instruction data: pick a causal LM (e.g. tiny-llama)")
-    train_idx, eval_idx = split_indices(len(raw.prompts), spec)
+    held_out = raw.eval  # the benchmark's own evaluation split, else a held-out share of the training data
+    train_idx, eval_idx = split_indices(len(raw.prompts), spec, len(held_out) if held_out is not None else None)
     return LMBundle(
         train=encode_split(raw, train_idx, tokenizer, spec.max_length),
-        eval=encode_split(raw, eval_idx, tokenizer, spec.max_length),
+        eval=encode_split(held_out if held_out is not None else raw, eval_idx, tokenizer, spec.max_length),
         label_names=list(raw.label_names),
         metric=spec.metric or ("eval_accuracy" if raw.choices is not None else "eval_loss"),
     )

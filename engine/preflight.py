@@ -123,13 +123,13 @@ def _check_data_task(spec: RunSpec, model: ModelFacts, data: DataFacts) -> None:
             f"dataset.text_pair_column: model {spec.model} is an image model, and a text pair is encoded by a "
             "tokenizer: remove text_pair_column or pick a text model"
         )
-    if data.task == "multiple_choice" and model.head != "causal-lm":
+    if data.task == "multiple_choice" and model.modality != "causal-lm":
         raise PreflightError(
             f"dataset.task: {ds.name} is multiple-choice data (question, choices, answer), which a causal language "
             f"model is trained on, but model {spec.model} has a {model.head} head: pick a causal language model, "
             "or classification data"
         )
-    if ds.metric is not None and ds.metric != "eval_loss" and data.task != "multiple_choice":
+    if ds.metric is not None and ds.metric != "eval_loss" and data.modality != "causal-lm":
         recorded = task_metrics(data.task, data.classes)
         if ds.metric not in recorded:
             raise PreflightError(

@@ -289,8 +289,7 @@ def test_tweets_instruct_is_a_three_way_choice_with_response_only_labels():
 
 
 def test_multiple_choice_jsonl_and_bad_lines(tmp_path):
-    from engine.data import read_raw
-    from engine.lm_data import LMDataError
+    from engine.data import DataError, read_raw
 
     good = tmp_path / "mc.jsonl"
     good.write_text("\n".join(json.dumps(r) for r in [
@@ -301,7 +300,7 @@ def test_multiple_choice_jsonl_and_bad_lines(tmp_path):
     assert raw.modality == "causal-lm" and list(raw.labels) == [1, 0] and raw.responses == ["4", "blue"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
-    with pytest.raises(LMDataError, match=r"line 1: answer 5 is neither"):
+    with pytest.raises(DataError, match=r"line 1: answer 5 in column 'answer' is not one of its 2 choices"):
         read_raw(DatasetSpec(name=str(bad)))
 
 

@@ -65,7 +65,7 @@ def test_recipe_parses_and_its_names_resolve(path):
         )
     from engine.backends import get_backend
 
-    assert get_backend("hf-causal-lm").modality == "text"
+    assert get_backend("hf-causal-lm").modality == "causal-lm"
 
 
 def test_the_protocols_are_complete():
