@@ -110,6 +110,8 @@ class TrainResult:
     timings: dict[str, float]
     artifacts: dict[str, str]  # kind -> path
     majority_rate: float
+    stored_params: int = 0  # values in the adapter file without the task head (Method.stored_size)
+    stored_bytes: int = 0  # its bytes (packed low-bit codes, sparse indices + values, ...)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -390,7 +392,9 @@ def train(
             path = out_dir / f"{kind}.json"
             path.write_text(json.dumps(hook_data))
             artifacts[kind] = str(path)
-    trainable, _ = count_parameters(model)  # a method may have changed its trainable set (Pear prunes)
+    # Measured after training: a method may have changed its trainable set and its modules (Pear prunes).
+    _, total = count_parameters(model)
+    trainable, stored = method.trainable_param_count(model), method.stored_size(model)
     peak_rss = max(peak_rss, process.memory_info().rss)
     steps_done = max(step, 1)
     timings = {
@@ -407,4 +411,5 @@ def train(
         adapter_params=method.adapter_param_count(model),
         device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
         steps=step, timings=timings, artifacts=artifacts, majority_rate=data.majority_rate(),
+        stored_params=stored.params, stored_bytes=stored.bytes,
     )  # fmt: skip
