@@ -251,7 +251,9 @@ def test_an_exact_kronecker_product_is_recovered_at_rank_1(criterion):
     base = nn.Linear(32, 32, bias=False)
     with torch.no_grad():
         base.weight.copy_(w)
-    method = build_method("soka", {"rank_criterion": criterion, "energy_threshold": 0.999, "max_rank": 8})
+    method = build_method(
+        "soka", {"rank_spectrum": "weight", "rank_criterion": criterion, "energy_threshold": 0.999, "max_rank": 8}
+    )
     shape, rank = method.layer_plan(w)
     assert rank == 1
     layer = SoKALinear(base, shape, rank)
@@ -359,3 +361,51 @@ def test_soka_dense_and_vec_trick_routes_agree_in_value_and_gradient(rank):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     del layer.uses_dense_path
     assert layer.uses_dense_path() == (rank == 8)  # 96 = 8·12, 64 = 8·8: r·n1·m2·(n2+m1) vs d_out·d_in / 4
+
+
+def test_soka_reads_ranks_from_the_update_spectrum_and_records_the_cap():
+    """Default: the rank comes from the KPSVD spectrum of −Σ∂L/∂W (calibration), elbow over the leading values."""
+    from itertools import islice
+
+    from engine.methods.soka import kronecker_svd
+
+    torch.manual_seed(0)
+    model = load_model("tiny-bert", 3)
+    method = build_method("soka", {"target_roles": ["q", "fc1"], "max_rank": 2, "calibration_batches": 2})
+    method.apply(model)
+    assert all(r == 2 for r in method.ranks().values())  # max_rank until calibration
+    batches = [tiny_text_batch(model, n=4, seed=s) for s in range(2)]
+    loss_fn = lambda b: torch.nn.functional.cross_entropy(model(b), b["labels"])  # noqa: E731
+    estimate = method.update_estimate(model, iter(batches), loss_fn)
+    ranks = method.choose_ranks_from_update(model, islice(iter(batches), 2), loss_fn)
+    for name, layer in method.adapted_layers(model).items():
+        _, _, sigma = kronecker_svd(estimate[name], *layer.factor_shape)
+        s = sigma.double()[:16]
+        chord = s[0] + (s[-1] - s[0]) * torch.arange(len(s), dtype=torch.float64) / (len(s) - 1)
+        asked = max(1, int(torch.argmax(chord - s)))  # the elbow, by hand
+        assert method.asked[name] == asked and ranks[name] == min(asked, 2)
+    assert method.capped_layers() == [n for n, a in method.asked.items() if a > 2]
+    state = method.state()
+    assert state["ranks"] == ranks and state["ranked_on"] == "update"
+    assert state["capped_layers"] == method.capped_layers()
+
+
+def test_soka_update_estimate_is_minus_the_summed_gradient_of_the_effective_weight():
+    torch.manual_seed(0)
+    model = load_model("tiny-bert", 3)
+    method = build_method("soka", {"target_roles": ["q"], "max_rank": 2})
+    method.apply(model)
+    batches = [tiny_text_batch(model, n=4, seed=s) for s in range(2)]
+    loss_fn = lambda b: torch.nn.functional.cross_entropy(model(b), b["labels"])  # noqa: E731
+    estimate = method.update_estimate(model, iter(batches), loss_fn)
+    name, layer = next(iter(method.adapted_layers(model).items()))
+    # the same gradient through a dense effective weight W_res + ΔW, taken by hand with a hook-free copy
+    w = (layer.base.weight + layer.delta_weight()).detach().requires_grad_(True)
+    original = layer.forward
+    layer.forward = lambda x: torch.nn.functional.linear(x, w, layer.base.bias)  # type: ignore[method-assign]
+    try:
+        model.eval()
+        g = sum(torch.autograd.grad(loss_fn(b), w)[0] for b in batches)
+    finally:
+        layer.forward = original  # type: ignore[method-assign]
+    torch.testing.assert_close(estimate[name], -g, atol=1e-6, rtol=1e-5)
