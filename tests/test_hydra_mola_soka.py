@@ -28,9 +28,10 @@ from tests.conftest import tiny_image_batch, tiny_text_batch, train_tiny
 # --- Hydra -----------------------------------------------------------------------------------------
 
 
-def _random_hydra(bias: bool, seed: int = 0) -> HydraLinear:
+def _random_hydra(bias: bool, seed: int = 0, branch_bias: bool = False) -> HydraLinear:
     torch.manual_seed(seed)
-    layer = HydraLinear(nn.Linear(6, 5, bias=bias), parallel_rank=2, sequential_rank=3, scaling=0.7, dropout=0.0)
+    layer = HydraLinear(nn.Linear(6, 5, bias=bias), parallel_rank=2, sequential_rank=3, scaling=0.7, dropout=0.0,
+                        bias=branch_bias, init="kaiming")  # fmt: skip
     with torch.no_grad():
         for p in layer.adapter_parameters():
             p.normal_()
@@ -78,8 +79,40 @@ def test_hydra_starts_as_the_pretrained_model_on_output_projections():
     batch = tiny_image_batch()
     with torch.no_grad():
         torch.testing.assert_close(model(batch), base(batch))
-    # tiny-vit: dim 64, MLP 256, 2 blocks. o: 2(64+64) + 2·2·64; fc2: 2(256+64) + 2·2·64.
-    assert method.adapter_param_count(model) == 2 * ((256 + 256) + (640 + 256)) == 2816
+    # tiny-vit: dim 64, MLP 256, 2 blocks. o: 2(64+64) + 2·2·64; fc2: 2(256+64) + 2·2·64; biases 2 + 2 + 2·64 each.
+    assert method.adapter_param_count(model) == 2 * ((256 + 256 + 132) + (640 + 256 + 132)) == 3344
+    assert method.adapter_param_count(model) == sum(p.numel() for n, p in model.named_parameters() if "hydra_" in n)
+
+
+def test_hydra_official_layer_biases_xavier_and_hidden_dropout():
+    """The official layer: B (A z + a) + b in both branches, A Xavier-uniform, dropout between A and B."""
+    torch.manual_seed(0)
+    layer = HydraLinear(nn.Linear(6, 5), parallel_rank=2, sequential_rank=3, scaling=0.7, dropout=0.5)
+    a = layer.hydra_sequential_A.weight  # 3 × 5: Xavier bound √(6 / (5 + 3))
+    assert a.abs().max() <= (6 / 8) ** 0.5 and a.abs().max() > 1 / 5**0.5  # above Kaiming-a=√5's bound 1/√fan_in
+    assert all(torch.count_nonzero(t) == 0 for t in (layer.hydra_parallel_B.weight, layer.hydra_parallel_A.bias,
+                                                     layer.hydra_sequential_B.bias))  # fmt: skip
+    seen = []
+    layer.hydra_dropout.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1]))
+    layer.train()
+    layer(torch.randn(4, 6))
+    assert seen == [2, 3]  # dropout saw the hidden activations (ranks 2 and 3), not the inputs
+    layer.eval()
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.normal_()
+        pa, pb, sa, sb = (layer.hydra_parallel_A, layer.hydra_parallel_B, layer.hydra_sequential_A,
+                          layer.hydra_sequential_B)  # fmt: skip
+        x, s = torch.randn(4, 6), 0.7
+        h = layer.base(x)
+        expected = h + s * ((x @ pa.weight.T + pa.bias) @ pb.weight.T + pb.bias) \
+            + s * ((h @ sa.weight.T + sa.bias) @ sb.weight.T + sb.bias)  # fmt: skip
+        torch.testing.assert_close(layer(x), expected)
+        bias = layer.base.bias + s * (pb.weight @ pa.bias + pb.bias + sb.weight @ sa.weight @ layer.base.bias
+                                      + sb.weight @ sa.bias + sb.bias)  # fmt: skip
+        merged = layer.merged()
+        torch.testing.assert_close(merged.bias, bias)
+        torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
 
 
 # --- MoLA ------------------------------------------------------------------------------------------
