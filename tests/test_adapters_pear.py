@@ -369,11 +369,12 @@ def test_pear_taylor_scores_equal_the_hand_inner_products():
         branches, outputs = {}, {}
         handles = []
         for key, layer in positions.items():
-            def hook(module, args, out, key=key):
+
+            def hook(module, args, out, key=key, outputs=outputs):
                 outputs[key] = out
                 return out
 
-            def pre(module, args, key=key):  # the input the site's InputTap posted, before forward takes it
+            def pre(module, args, key=key, branches=branches):  # the input the InputTap posted, before forward
                 branches[key] = module.scaling * module.pear_adapter(module.mailbox.value)
 
             handles += [layer.register_forward_pre_hook(pre), layer.register_forward_hook(hook)]

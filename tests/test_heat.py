@@ -307,7 +307,8 @@ def test_weight_strategy_values_by_hand(model_name):
         for layer, w, g in zip(layers, weights, grads, strict=True):
             axis = 1 if layer.role == "o" else 0
             for head in range(NUM_HEADS):
-                signed[layer.block, head] += float((_head_slice(w.detach(), axis, head) * _head_slice(g, axis, head)).sum())
+                part = _head_slice(w.detach(), axis, head) * _head_slice(g, axis, head)
+                signed[layer.block, head] += float(part.sum())
         expected += signed.abs() / len(batches)
     for w in weights:
         w.requires_grad_(False)

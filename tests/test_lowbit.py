@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.methods import build_method
-from engine.methods.quantized import pack_bits, packed_bytes, quantize, quantize_codes, unpack_bits
+from engine.methods.quantized import pack_bits, packed_bytes, quantize, unpack_bits
 from engine.models import load_model
 from tests.conftest import batch_for, train_tiny
 

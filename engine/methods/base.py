@@ -334,7 +334,8 @@ class Method:
         """Values and bytes of the adapter file without the task head (what a user stores per task)."""
         head = set(model.head_parameter_names())
         tensors = [t for k, t in self.adapter_state_dict(model).items() if k not in head]
-        return StoredSize(params=sum(t.numel() for t in tensors), bytes=sum(t.numel() * t.element_size() for t in tensors))
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        return StoredSize(params=sum(t.numel() for t in tensors), bytes=nbytes)
 
     def artifacts(self, model: TaskModel) -> dict[str, Any]:
         """JSON-able analysis data the method wants stored with the run (scores, router loads, ...)."""

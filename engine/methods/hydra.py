@@ -34,10 +34,9 @@ rank 2 per branch on ViT, 4 (parallel) and 8 (sequential) on RoBERTa. Parameters
 from __future__ import annotations
 
 import math
-
-import torch
 from typing import Literal
 
+import torch
 from pydantic import Field
 from torch import nn
 

@@ -35,7 +35,9 @@ class SparseFTConfig(TargetedConfig):
     num_params: int | None = Field(
         None, ge=1, description="K, the number of weights trained in the sparse phase (None: density × targeted)"
     )
-    density: float = Field(0.01, gt=0.0, le=1.0, description="K as a share of the targeted weights (without num_params)")
+    density: float = Field(
+        0.01, gt=0.0, le=1.0, description="K as a share of the targeted weights (without num_params)"
+    )
     dense_fraction: float = Field(
         0.25, gt=0.0, lt=1.0, description="share of the training steps spent in the dense phase before selection"
     )
