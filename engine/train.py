@@ -394,7 +394,7 @@ def train(
             artifacts[kind] = str(path)
     # Measured after training: a method may have changed its trainable set and its modules (Pear prunes).
     _, total = count_parameters(model)
-    trainable, stored = method.trainable_param_count(model), method.stored_size(model)
+    trainable, stored_size = method.trainable_param_count(model), method.stored_size(model)
     peak_rss = max(peak_rss, process.memory_info().rss)
     steps_done = max(step, 1)
     timings = {
@@ -411,5 +411,5 @@ def train(
         adapter_params=method.adapter_param_count(model),
         device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
         steps=step, timings=timings, artifacts=artifacts, majority_rate=data.majority_rate(),
-        stored_params=stored.params, stored_bytes=stored.bytes,
+        stored_params=stored_size.params, stored_bytes=stored_size.bytes,
     )  # fmt: skip

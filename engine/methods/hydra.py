@@ -70,11 +70,14 @@ class HydraLinear(AdaptedLinear):
         super().__init__(base)
         w = base.weight
         d_in, d_out = base.in_features, base.out_features
-        kw = {"bias": bias, "device": w.device, "dtype": w.dtype}
-        self.hydra_parallel_A = nn.Linear(d_in, parallel_rank, **kw)
-        self.hydra_parallel_B = nn.Linear(parallel_rank, d_out, **kw)
-        self.hydra_sequential_A = nn.Linear(d_out, sequential_rank, **kw)
-        self.hydra_sequential_B = nn.Linear(sequential_rank, d_out, **kw)
+
+        def linear(n_in: int, n_out: int) -> nn.Linear:
+            return nn.Linear(n_in, n_out, bias=bias, device=w.device, dtype=w.dtype)
+
+        self.hydra_parallel_A = linear(d_in, parallel_rank)
+        self.hydra_parallel_B = linear(parallel_rank, d_out)
+        self.hydra_sequential_A = linear(d_out, sequential_rank)
+        self.hydra_sequential_B = linear(sequential_rank, d_out)
         for down, up in (
             (self.hydra_parallel_A, self.hydra_parallel_B),
             (self.hydra_sequential_A, self.hydra_sequential_B),

@@ -137,10 +137,15 @@ def quantize_weight(linear: nn.Linear, bits: int) -> nn.Linear:
     return linear
 
 
+def _weight_parametrization(module: nn.Module) -> Any:
+    """``module.parametrizations["weight"]`` (a ``ParametrizationList``: ``.original`` and its modules)."""
+    return module.parametrizations["weight"]  # type: ignore[index]
+
+
 def latent_weight(linear: nn.Linear) -> torch.Tensor:
     """The Parameter an optimizer updates for ``linear.weight``: the float latent when quantised, else the weight."""
     if parametrize.is_parametrized(linear, "weight"):
-        return linear.parametrizations["weight"].original
+        return _weight_parametrization(linear).original
     return linear.weight
 
 
@@ -149,7 +154,7 @@ def quantizers(model: nn.Module) -> list[tuple[nn.Module, QuantizeSTE]]:
     out = []
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
-            q = module.parametrizations["weight"][0]
+            q = _weight_parametrization(module)[0]
             if isinstance(q, QuantizeSTE):
                 out.append((module, q))
     return out
@@ -158,7 +163,7 @@ def quantizers(model: nn.Module) -> list[tuple[nn.Module, QuantizeSTE]]:
 def packed_adapter_state_dict(method: Method, model: TaskModel) -> dict[str, torch.Tensor]:
     """The adapter state dict with every quantised weight as packed codes + scale (latents left out)."""
     for module, q in quantizers(model):
-        q.pack(module.parametrizations["weight"].original)
+        q.pack(_weight_parametrization(module).original)
     state = Method.adapter_state_dict(method, model)
     return {k: v for k, v in state.items() if not k.endswith(".parametrizations.weight.original")}
 
@@ -167,7 +172,7 @@ def packed_adapter_state_dict(method: Method, model: TaskModel) -> dict[str, tor
 def unpack_into_latents(model: nn.Module) -> None:
     """After loading codes and scales: set each latent to its dequantised weight (Q of it is the same weight)."""
     for module, q in quantizers(model):
-        latent = module.parametrizations["weight"].original
+        latent = _weight_parametrization(module).original
         latent.copy_(q.dequantized().to(latent.dtype))
 
 
