@@ -203,6 +203,7 @@ class LowBitConfig(TargetedConfig):
     bits: int = Field(1, ge=1, le=8, description="bits per adapter weight (1: sign × mean|w|)")
     rank: int = Field(8, ge=1, le=4096, description="LoRA rank r (base lora)")
     alpha: float = Field(16.0, gt=0, description="LoRA α; the update is scaled by α/r (base lora)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input (base lora)")
     bottleneck: int = Field(64, ge=1, le=16384, description="AdaptFormer's hidden size m (base adaptformer)")
     scaling: float = Field(0.1, gt=0, description="AdaptFormer's output scale s (base adaptformer)")
     blocks: BlockList = Field(None, description="transformer blocks to adapt (None: all)")
@@ -213,8 +214,8 @@ class LowBitLoRALinear(LowRankUpdateLinear):
 
     factor_prefix = "lowbit_"
 
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, bits: int):
-        super().__init__(base, rank, scaling)
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, bits: int, dropout: float = 0.0):
+        super().__init__(base, rank, scaling, dropout)
         quantize_weight(self.factor_A, bits)
         quantize_weight(self.factor_B, bits)
 
@@ -265,7 +266,8 @@ class LowBit(Method):
         if cfg.base == "lora":
             for layer in self.target_layers(model):
                 scaling = lora_scaling(cfg.alpha, cfg.rank)
-                model.set_submodule(layer.name, LowBitLoRALinear(layer.module, cfg.rank, scaling, cfg.bits))
+                adapted = LowBitLoRALinear(layer.module, cfg.rank, scaling, cfg.bits, cfg.dropout)
+                model.set_submodule(layer.name, adapted)
             return
         for _block, fc1, fc2 in paired_layers(model, "fc1", "fc2", cfg.blocks):
             mailbox = Mailbox()
@@ -278,7 +280,9 @@ class LowBit(Method):
     def peft_lora_options(self) -> PeftLoraOptions | None:
         """The LoRA base exports as PEFT's LoRA with the quantised factors (in float); AdaptFormer has no LoRA form."""
         cfg: LowBitConfig = self.config
-        return PeftLoraOptions(r=cfg.rank, lora_alpha=cfg.alpha) if cfg.base == "lora" else None
+        if cfg.base != "lora":
+            return None
+        return PeftLoraOptions(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout)
 
     def adapter_param_count(self, model) -> int:
         """LoRA: ``r (d_in + d_out)`` per layer; AdaptFormer: ``m (d_in + d_out) + m + d_out`` per block."""
