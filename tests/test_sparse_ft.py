@@ -43,9 +43,7 @@ def test_selection_keeps_the_k_largest_changes_and_resets_to_the_pretrained_mode
     for name, layer in method.layers(model).items():
         assert torch.all(deltas[name].flatten()[layer.sft_indices.long()].abs() >= threshold)
         assert torch.count_nonzero(layer.delta_weight()) == 0  # reset: ΔW = 0
-    base = load_model("tiny-bert", 3).eval()
-    torch.manual_seed(0)
-    base = load_model("tiny-bert", 3).eval()
+    base = load_model("tiny-bert", 3).eval()  # load_model seeds its initialisation: the same pretrained weights
     with torch.no_grad():
         base.net.classifier.load_state_dict(model.net.classifier.state_dict())
         torch.testing.assert_close(model(batch), base(batch))
@@ -57,7 +55,7 @@ def test_only_the_selected_entries_get_gradient_and_the_forward_is_w0_plus_the_s
     layer = next(iter(method.layers(model).values()))
     with torch.no_grad():
         layer.sft_values.copy_(torch.randn(layer.sft_values.shape))
-    x = torch.randn(2, 5, layer.in_features, requires_grad=False)
+    x = torch.randn(2, 5, layer.in_features)
     dense = torch.zeros(layer.base.weight.numel())
     dense[layer.sft_indices.long()] = layer.sft_values.detach()
     w = (layer.base.weight + dense.view_as(layer.base.weight)).detach().requires_grad_(True)
