@@ -68,6 +68,32 @@ def analysis_json_paths(run_id: str, kind: str) -> list[Path]:
     return [p for p in dict.fromkeys(paths) if p.suffix == ".json" and p.is_file()]
 
 
+def chosen_ranks(run_id: str) -> tuple[dict[str, int], list[str]] | None:
+    """``method_state.ranks`` of the run's adapter (methods that choose a rank per layer, e.g. SoKA) and the layers
+    whose cap bound, or None when the method records no ranks."""
+    for artifact in store.list_artifacts(run_id, "adapter_config"):
+        path = Path(artifact["path"])
+        if path.is_file():
+            state = json.loads(path.read_text()).get("method_state") or {}
+            if state.get("ranks"):
+                return {k: int(v) for k, v in state["ranks"].items()}, list(state.get("capped_layers") or [])
+    return None
+
+
+def method_ranks(run_id: str) -> None:
+    """Show the per-layer ranks a method chose (``method_state.ranks``) and warn where a cap bound."""
+    found = chosen_ranks(run_id)
+    if found is None:
+        return
+    ranks, capped = found
+    st.subheader("Chosen ranks per layer")
+    table = pd.DataFrame({"layer": list(ranks), "rank": list(ranks.values())})
+    table["capped"] = table["layer"].isin(capped)
+    st.dataframe(table, hide_index=True, width="stretch")
+    if capped:
+        st.warning(f"The max_rank cap bound in {len(capped)} layer(s): the spectrum asked for more components.")
+
+
 def stored_spectra(run_id: str) -> Spectra | None:
     """The run's stored ``engine.analysis.spectra.Spectra``, or None when not computed yet."""
     from engine.analysis.spectra import load_spectra

@@ -37,6 +37,8 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
                 "eval_loss": final.get("eval_loss"),
                 "trainable_params": r.get("trainable_params"),
                 "total_params": r.get("total_params"),
+                "stored_params": summary.get("stored_params"),
+                "stored_bytes": summary.get("stored_bytes"),
                 "ms_per_step": timings.get("ms_per_step"),
                 "peak_rss_mb": timings.get("peak_rss_mb"),
                 "steps": summary.get("steps"),
@@ -51,10 +53,12 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
 
 RUN_COLUMNS = [
     "run_id", "label", "name", "method", "model", "dataset", "experiment", "seed", "tags", "status",
-    "eval_accuracy", "eval_loss", "trainable_params", "total_params", "ms_per_step", "peak_rss_mb", "steps", "spec",
+    "eval_accuracy", "eval_loss", "trainable_params", "total_params", "stored_params", "stored_bytes", "ms_per_step",
+    "peak_rss_mb", "steps", "spec",
 ]  # fmt: skip
 NUMERIC_RUN_COLUMNS = [
-    "eval_accuracy", "eval_loss", "trainable_params", "total_params", "ms_per_step", "peak_rss_mb", "steps",
+    "eval_accuracy", "eval_loss", "trainable_params", "total_params", "stored_params", "stored_bytes", "ms_per_step",
+    "peak_rss_mb", "steps",
 ]  # fmt: skip
 
 

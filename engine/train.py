@@ -118,6 +118,8 @@ class TrainResult:
     task: str = "classification"  # "classification" | "regression"
     label_names: list[str] = field(default_factory=list)  # the classes, in the order of the head's outputs
     headline_metric: str = "eval_accuracy"  # what the run is judged by (the dataset spec's metric, or the task's)
+    stored_params: int = 0  # values in the adapter file without the task head (Method.stored_size)
+    stored_bytes: int = 0  # its bytes (packed low-bit codes, sparse indices + values, ...)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -436,7 +438,9 @@ def train(
             artifacts[kind] = str(path)
     if isinstance(data.eval, LMSplit):  # base vs adapted greedy generations of a few evaluation prompts
         artifacts["generations"] = str(write_generations(prep, out_dir))
-    trainable, _ = count_parameters(model)  # a method may have changed its trainable set (Pear prunes)
+    # Measured after training: a method may have changed its trainable set and its modules (Pear prunes).
+    _, total = count_parameters(model)
+    trainable, stored_size = method.trainable_param_count(model), method.stored_size(model)
     peak_rss = max(peak_rss, process.memory_info().rss)
     steps_done = max(step, 1)
     timings = {
@@ -455,4 +459,5 @@ def train(
         device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
         steps=step, timings=timings, artifacts=artifacts, majority_rate=data.majority_rate(),
         task=data.task, label_names=list(data.label_names), headline_metric=data.metric,
+        stored_params=stored_size.params, stored_bytes=stored_size.bytes,
     )  # fmt: skip

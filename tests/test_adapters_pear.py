@@ -355,3 +355,64 @@ def test_pear_prunes_mid_run_in_the_training_loop(tmp_path):
     prep.method.load_adapter_state_dict(prep.model, load_file(str(tmp_path / ADAPTER_FILE)))
     again = evaluate(prep.model, prep.data.eval, 32, prep.device)
     assert again["eval_loss"] == pytest.approx(result.final_metrics["eval_loss"], rel=1e-5)
+
+
+def test_pear_taylor_scores_equal_the_hand_inner_products():
+    """I_p = |Σ_batches ⟨s·adapter_p(x_p), ∂L/∂out_p⟩|, computed here from hooks on each position's output, not
+    from the gate the method uses: the values must agree, not only their order."""
+    model, method = _adapted("pear", "tiny-vit", {"bottleneck": 4, "calibration_batches": 3})
+    _randomise_adapters(model, method)
+    ctx = _context(model)
+    positions = method.positions(model)
+    expected = dict.fromkeys(positions, 0.0)
+    for batch in list(ctx.batches())[:3]:
+        branches, outputs = {}, {}
+        handles = []
+        for key, layer in positions.items():
+
+            def hook(module, args, out, key=key, outputs=outputs):
+                outputs[key] = out
+                return out
+
+            def pre(module, args, key=key, branches=branches):  # the input the InputTap posted, before forward
+                branches[key] = module.scaling * module.pear_adapter(module.mailbox.value)
+
+            handles += [layer.register_forward_pre_hook(pre), layer.register_forward_hook(hook)]
+        loss = ctx.loss_fn(batch)
+        grads = torch.autograd.grad(loss, [outputs[k] for k in positions])
+        for h in handles:
+            h.remove()
+        for key, g in zip(positions, grads, strict=True):
+            expected[key] += float((branches[key].detach() * g).sum())
+    scores = method.importance_scores(ctx)
+    for key in positions:
+        assert scores[key] == pytest.approx(abs(expected[key]), rel=1e-4, abs=1e-7), key
+    assert len({round(v, 6) for v in scores.values()}) == len(scores)  # distinct values, so the test can fail
+
+
+def test_pear_output_jumps_at_pruning_by_the_shared_adapter():
+    """With the knowledge checkpoint (γ = 1) a pruned position adds the shared adapter on top of its own frozen one:
+    right after pruning its output is the pre-pruning output plus s·shared(x) (docs/METHODS.md#pear)."""
+    model, method = _adapted("pear", "tiny-vit", {"bottleneck": 4, "calibration_batches": 2, "warmup_fraction": 0.5})
+    _randomise_adapters(model, method)
+    positions = method.positions(model)
+    z = torch.randn(2, 5, 64)
+    x = {key: torch.randn(2, 5, layer.in_features) for key, layer in positions.items()}
+    before = {}
+    with torch.no_grad():
+        for key, layer in positions.items():
+            layer.mailbox.post(z)
+            before[key] = layer(x[key])
+    ctx = _context(model)
+    ctx.step = 4
+    assert method.on_step_end(ctx) is True
+    with torch.no_grad():
+        for key, layer in positions.items():
+            layer.mailbox.post(z)
+            after = layer(x[key])
+            if layer.is_pruned:
+                jump = layer.scaling * layer.pear_adapter(z)
+                torch.testing.assert_close(after, before[key] + jump, atol=1e-5, rtol=1e-5)
+                assert jump.abs().max() > 1e-3
+            else:
+                torch.testing.assert_close(after, before[key])

@@ -285,3 +285,53 @@ def test_training_run_writes_the_score_matrix(tmp_path, model_name, dataset, par
         for head in range(NUM_HEADS):
             is_masked = [layer.block, head] in analysis["masked_heads"]
             assert _head_slice(tensor, axis, head).any() != is_masked, (layer.name, head)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-vit"])
+def test_weight_strategy_values_by_hand(model_name):
+    """TIS_weight[b, h] = mean over batches of |Σ_{q,k,v rows and o columns of head h} W ⊙ ∂L/∂W|, from the plain
+    model's gradients sliced head by head here (values, not only the order)."""
+    from engine.methods.heat import weight_importance
+
+    torch.manual_seed(0)
+    plain = load_model(model_name, 3).eval()
+    batches = _batches(plain, n=2)
+    layers = plain.adaptable_layers(["q", "k", "v", "o"])
+    weights = [l.module.weight for l in layers]
+    expected = torch.zeros(2, NUM_HEADS)
+    for batch in batches:
+        for w in weights:
+            w.requires_grad_(True)
+        grads = torch.autograd.grad(F.cross_entropy(plain(batch), batch["labels"]), weights)
+        signed = torch.zeros(2, NUM_HEADS)
+        for layer, w, g in zip(layers, weights, grads, strict=True):
+            axis = 1 if layer.role == "o" else 0
+            for head in range(NUM_HEADS):
+                part = _head_slice(w.detach(), axis, head) * _head_slice(g, axis, head)
+                signed[layer.block, head] += float(part.sum())
+        expected += signed.abs() / len(batches)
+    for w in weights:
+        w.requires_grad_(False)
+
+    model, method = _heat(model_name, strategy="weight")
+    method.apply(model)
+    model.eval()
+    loss_fn = lambda batch: F.cross_entropy(model(batch), batch["labels"])  # noqa: E731
+    scores = weight_importance(model, method.blocks, NUM_HEADS, iter(batches), loss_fn)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-8)
+    assert scores.unique().numel() == scores.numel()  # distinct values: a swapped head would fail
+
+
+def test_masked_head_slices_are_not_counted_as_trainable(tmp_path):
+    model, method = _heat("tiny-bert", mask_ratio=0.25)
+    method.apply(model)
+    full = method.adapter_param_count(model)
+    trainable = method.trainable_param_count(model)
+    mask = torch.ones(2, NUM_HEADS)
+    mask[0, 0] = mask[1, 3] = 0.0
+    method.set_head_mask(model, mask)
+    head_dim = 32 // NUM_HEADS
+    masked = 2 * 4 * 4 * head_dim  # two heads × (q, k, v rows of B + o columns of A) × rank 4 × head_dim
+    assert method.masked_adapter_params(model) == masked
+    assert method.adapter_param_count(model) == full - masked
+    assert method.trainable_param_count(model) == trainable - masked

@@ -28,9 +28,10 @@ from tests.conftest import tiny_image_batch, tiny_text_batch, train_tiny
 # --- Hydra -----------------------------------------------------------------------------------------
 
 
-def _random_hydra(bias: bool, seed: int = 0) -> HydraLinear:
+def _random_hydra(bias: bool, seed: int = 0, branch_bias: bool = False) -> HydraLinear:
     torch.manual_seed(seed)
-    layer = HydraLinear(nn.Linear(6, 5, bias=bias), parallel_rank=2, sequential_rank=3, scaling=0.7, dropout=0.0)
+    layer = HydraLinear(nn.Linear(6, 5, bias=bias), parallel_rank=2, sequential_rank=3, scaling=0.7, dropout=0.0,
+                        bias=branch_bias, init="kaiming")  # fmt: skip
     with torch.no_grad():
         for p in layer.adapter_parameters():
             p.normal_()
@@ -78,8 +79,40 @@ def test_hydra_starts_as_the_pretrained_model_on_output_projections():
     batch = tiny_image_batch()
     with torch.no_grad():
         torch.testing.assert_close(model(batch), base(batch))
-    # tiny-vit: dim 64, MLP 256, 2 blocks. o: 2(64+64) + 2·2·64; fc2: 2(256+64) + 2·2·64.
-    assert method.adapter_param_count(model) == 2 * ((256 + 256) + (640 + 256)) == 2816
+    # tiny-vit: dim 64, MLP 256, 2 blocks. o: 2(64+64) + 2·2·64; fc2: 2(256+64) + 2·2·64; biases 2 + 2 + 2·64 each.
+    assert method.adapter_param_count(model) == 2 * ((256 + 256 + 132) + (640 + 256 + 132)) == 3344
+    assert method.adapter_param_count(model) == sum(p.numel() for n, p in model.named_parameters() if "hydra_" in n)
+
+
+def test_hydra_official_layer_biases_xavier_and_hidden_dropout():
+    """The official layer: B (A z + a) + b in both branches, A Xavier-uniform, dropout between A and B."""
+    torch.manual_seed(0)
+    layer = HydraLinear(nn.Linear(6, 5), parallel_rank=2, sequential_rank=3, scaling=0.7, dropout=0.5)
+    a = layer.hydra_sequential_A.weight  # 3 × 5: Xavier bound √(6 / (5 + 3))
+    assert a.abs().max() <= (6 / 8) ** 0.5 and a.abs().max() > 1 / 5**0.5  # above Kaiming-a=√5's bound 1/√fan_in
+    assert all(torch.count_nonzero(t) == 0 for t in (layer.hydra_parallel_B.weight, layer.hydra_parallel_A.bias,
+                                                     layer.hydra_sequential_B.bias))  # fmt: skip
+    seen = []
+    layer.hydra_dropout.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1]))
+    layer.train()
+    layer(torch.randn(4, 6))
+    assert seen == [2, 3]  # dropout saw the hidden activations (ranks 2 and 3), not the inputs
+    layer.eval()
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.normal_()
+        pa, pb, sa, sb = (layer.hydra_parallel_A, layer.hydra_parallel_B, layer.hydra_sequential_A,
+                          layer.hydra_sequential_B)  # fmt: skip
+        x, s = torch.randn(4, 6), 0.7
+        h = layer.base(x)
+        expected = h + s * ((x @ pa.weight.T + pa.bias) @ pb.weight.T + pb.bias) \
+            + s * ((h @ sa.weight.T + sa.bias) @ sb.weight.T + sb.bias)  # fmt: skip
+        torch.testing.assert_close(layer(x), expected)
+        bias = layer.base.bias + s * (pb.weight @ pa.bias + pb.bias + sb.weight @ sa.weight @ layer.base.bias
+                                      + sb.weight @ sa.bias + sb.bias)  # fmt: skip
+        merged = layer.merged()
+        torch.testing.assert_close(merged.bias, bias)
+        torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
 
 
 # --- MoLA ------------------------------------------------------------------------------------------
@@ -251,7 +284,9 @@ def test_an_exact_kronecker_product_is_recovered_at_rank_1(criterion):
     base = nn.Linear(32, 32, bias=False)
     with torch.no_grad():
         base.weight.copy_(w)
-    method = build_method("soka", {"rank_criterion": criterion, "energy_threshold": 0.999, "max_rank": 8})
+    method = build_method(
+        "soka", {"rank_spectrum": "weight", "rank_criterion": criterion, "energy_threshold": 0.999, "max_rank": 8}
+    )
     shape, rank = method.layer_plan(w)
     assert rank == 1
     layer = SoKALinear(base, shape, rank)
@@ -359,3 +394,51 @@ def test_soka_dense_and_vec_trick_routes_agree_in_value_and_gradient(rank):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     del layer.uses_dense_path
     assert layer.uses_dense_path() == (rank == 8)  # 96 = 8·12, 64 = 8·8: r·n1·m2·(n2+m1) vs d_out·d_in / 4
+
+
+def test_soka_reads_ranks_from_the_update_spectrum_and_records_the_cap():
+    """Default: the rank comes from the KPSVD spectrum of −Σ∂L/∂W (calibration), elbow over the leading values."""
+    from itertools import islice
+
+    from engine.methods.soka import kronecker_svd
+
+    torch.manual_seed(0)
+    model = load_model("tiny-bert", 3)
+    method = build_method("soka", {"target_roles": ["q", "fc1"], "max_rank": 2, "calibration_batches": 2})
+    method.apply(model)
+    assert all(r == 2 for r in method.ranks().values())  # max_rank until calibration
+    batches = [tiny_text_batch(model, n=4, seed=s) for s in range(2)]
+    loss_fn = lambda b: torch.nn.functional.cross_entropy(model(b), b["labels"])  # noqa: E731
+    estimate = method.update_estimate(model, iter(batches), loss_fn)
+    ranks = method.choose_ranks_from_update(model, islice(iter(batches), 2), loss_fn)
+    for name, layer in method.adapted_layers(model).items():
+        _, _, sigma = kronecker_svd(estimate[name], *layer.factor_shape)
+        s = sigma.double()[:16]
+        chord = s[0] + (s[-1] - s[0]) * torch.arange(len(s), dtype=torch.float64) / (len(s) - 1)
+        asked = max(1, int(torch.argmax(chord - s)))  # the elbow, by hand
+        assert method.asked[name] == asked and ranks[name] == min(asked, 2)
+    assert method.capped_layers() == [n for n, a in method.asked.items() if a > 2]
+    state = method.state()
+    assert state["ranks"] == ranks and state["ranked_on"] == "update"
+    assert state["capped_layers"] == method.capped_layers()
+
+
+def test_soka_update_estimate_is_minus_the_summed_gradient_of_the_effective_weight():
+    torch.manual_seed(0)
+    model = load_model("tiny-bert", 3)
+    method = build_method("soka", {"target_roles": ["q"], "max_rank": 2})
+    method.apply(model)
+    batches = [tiny_text_batch(model, n=4, seed=s) for s in range(2)]
+    loss_fn = lambda b: torch.nn.functional.cross_entropy(model(b), b["labels"])  # noqa: E731
+    estimate = method.update_estimate(model, iter(batches), loss_fn)
+    name, layer = next(iter(method.adapted_layers(model).items()))
+    # the same gradient through a dense effective weight W_res + ΔW, taken by hand with a hook-free copy
+    w = (layer.base.weight + layer.delta_weight()).detach().requires_grad_(True)
+    original = layer.forward
+    layer.forward = lambda x: torch.nn.functional.linear(x, w, layer.base.bias)  # type: ignore[method-assign]
+    try:
+        model.eval()
+        g = sum(torch.autograd.grad(loss_fn(b), w)[0] for b in batches)
+    finally:
+        layer.forward = original  # type: ignore[method-assign]
+    torch.testing.assert_close(estimate[name], -g, atol=1e-6, rtol=1e-5)

@@ -471,3 +471,53 @@ def test_dylora_trains_through_the_loop_and_sweeps_eval_ranks(tmp_path):
         losses[rank] = evaluate(prep.model, prep.data.eval, 32, prep.device)["eval_loss"]
     assert losses[4] == pytest.approx(result.final_metrics["eval_loss"], abs=1e-5)
     assert len(set(losses.values())) == 4  # each rank is a different truncation
+
+
+def test_corda_logits_equal_pefts_after_perturbing_b():
+    """Away from initialisation (B moved, as training moves it) both models still give the same logits, and differ
+    from the base model: the residual W0 − s B0 A0 and the trained s B A are combined the same way."""
+    ours, peft_net, method = _corda_twins("ipm")
+    base = load_model("tiny-bert", 3).eval()
+    ours.eval(), peft_net.eval()
+    batch = tiny_text_batch(ours)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, layer in method.adapted_layers(ours).items():
+            delta = 3.0 * torch.randn(layer.corda_B.weight.shape, generator=g)
+            layer.corda_B.weight.add_(delta)
+            _peft_layer(peft_net, name).lora_B["default"].weight.add_(delta)
+        logits = ours(batch)
+        torch.testing.assert_close(logits, _peft_logits(peft_net, batch), atol=1e-5, rtol=1e-5)
+        assert (logits - base(batch)).abs().max() > 1e-3  # the perturbation reaches the logits
+
+
+@pytest.mark.parametrize(("method_name", "params", "keeps_initial"), [
+    ("pissa", {"rank": 2, "alpha": 2.0}, False),
+    ("pissa", {"rank": 2, "alpha": 2.0, "svd_niter": 2}, True),
+    ("corda", {"rank": 2, "alpha": 2.0}, True),
+])  # fmt: skip
+def test_initial_factors_are_saved_only_where_a_fresh_model_cannot_rebuild_them(method_name, params, keeps_initial):
+    torch.manual_seed(0)
+    model = load_model("tiny-bert", 3).eval()
+    method = build_method(method_name, {**params, "target_roles": ["q", "v"]})
+    method.apply(model)
+    state = method.adapter_state_dict(model)
+    initial = [k for k in state if "initial_" in k]
+    assert bool(initial) == keeps_initial
+    adapter = [v for k, v in state.items() if k not in set(model.head_parameter_names())]
+    # tiny-bert q, v: 2 blocks × 2 layers × r (32 + 32) floats, twice that with the initial factors
+    assert sum(t.numel() for t in adapter) == (2 if keeps_initial else 1) * 4 * 2 * 64
+    if method_name == "pissa" and not keeps_initial:  # the fresh model recomputes A0, B0 and the residual
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05)
+        batch = tiny_text_batch(model)
+        with torch.no_grad():
+            expected = model(batch)
+        fresh = load_model("tiny-bert", 3).eval()
+        fresh_method = build_method(method_name, {**params, "target_roles": ["q", "v"]})
+        fresh_method.apply(fresh)
+        fresh_method.load_adapter_state_dict(fresh, method.adapter_state_dict(model))
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(batch), expected, atol=1e-5, rtol=1e-5)

@@ -202,7 +202,7 @@ def _copy_lily_into_peft(method, ours, peft_net, num_experts: int) -> None:
 def test_lily_equals_peft_lily(model_name, stride, roles):
     ours, theirs = _twin_models(model_name)
     params = {"rank": 4, "num_experts": 3, "lp_stride": stride, "scaling": 0.5, "target_roles": roles}
-    method = build_method("lily", {**params, "mlp_activation": "identity"})
+    method = build_method("lily", {**params, "mlp_activation": "identity", "mlp_placement": "per_linear"})
     method.apply(ours)
     cfg = PeftLilyConfig(r=4, num_B=3, stride_A=stride, scaling=0.5, target_modules=[PEFT_TARGETS[r] for r in roles])
     peft_net = get_peft_model(theirs.net, cfg)
@@ -231,20 +231,54 @@ def test_lily_parameter_counts():
         assert method.adapter_param_count(m) == actual
         return actual
 
-    base = {"rank": 4, "num_experts": 3, "target_roles": ["q", "fc2"]}
+    base = {"rank": 4, "num_experts": 3, "target_roles": ["q", "fc2"], "mlp_placement": "per_linear"}
     # n_LP·d_in·d + ne·d·d_out + L·d·ne per type; q: 32→32, fc2: 64→32, L = 2
     assert count({**base, "lp_stride": 1}) == (2 * 32 * 4 + 3 * 4 * 32 + 2 * 4 * 3) + (2 * 64 * 4 + 3 * 4 * 32 + 24)
     assert count({**base, "lp_stride": 2}) == (1 * 32 * 4 + 384 + 24) + (1 * 64 * 4 + 384 + 24) == 1200
     assert count({**base, "lp_stride": 2, "monoscale": True}) == 1200 - 2 * 24
 
-    # defaults on six blocks of width 32: d = 32, ne = 4, stride ⌈6/4⌉ = 2 -> 3 LPs per type (q, v)
+    # the block placement: one adapter per block beside the MLP, d_in = fc1's input (32), d_out = fc2's output (32)
+    assert count({**base, "lp_stride": 1, "mlp_placement": "block"}) == (2 * 32 * 4 + 384 + 24) + (
+        2 * 32 * 4 + 3 * 4 * 32 + 2 * 4 * 3
+    )
+
+    # defaults on six blocks of width 32: d = 32, ne = 4, stride 6 // 4 = 1 (the official 12 // ne) -> 6 LPs per type
     model = _load("bert-6")
     method = build_method("lily", {})
     method.apply(model)
-    per_type = 3 * 32 * 32 + 4 * 32 * 32 + 6 * 32 * 4
-    assert method.adapter_param_count(model) == 2 * per_type == 15872
+    per_type = 6 * 32 * 32 + 4 * 32 * 32 + 6 * 32 * 4
+    assert method.adapter_param_count(model) == 2 * per_type == 22016
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == 15872 + 32 * 3 + 3  # + classifier
+    assert trainable == 22016 + 32 * 3 + 3  # + classifier
+    # with 12 layers and ne = 4 the official code shares one LP over 12 // 4 = 3 layers
+    assert build_method("lily", {}).config.stride_for(12) == 3
+
+
+def test_lily_block_placement_follows_the_relu_equation():
+    """MLP(x) + s · ReLU(LP x) · Σ_e p_e HP_e, p = mean over tokens of softmax(R ReLU(LP x)), x the MLP input."""
+    from engine.methods.lily import LilyMLPLinear
+
+    torch.manual_seed(0)
+    model = load_model("tiny-bert", 3).eval()
+    method = build_method("lily", {"rank": 4, "num_experts": 3, "scaling": 0.5, "target_roles": ["fc1"]})
+    method.apply(model)
+    _randomise_adapters(model, method)
+    layers = method.adapted_layers(model)
+    fc2_name, fc2 = next((n, l) for n, l in layers.items() if isinstance(l, LilyMLPLinear))
+    fc1 = model.get_submodule(fc2_name.replace("output.dense", "intermediate.dense"))
+    seen = {}
+    fc1.register_forward_hook(lambda m, i, o: seen.__setitem__("x", i[0]))
+    fc2.register_forward_hook(lambda m, i, o: seen.update(z=i[0], y=o))
+    with torch.no_grad():
+        model(tiny_text_batch(model))
+        h = torch.relu(seen["x"] @ fc2.lily_lp.weight.T)
+        p = torch.softmax(h @ fc2.lily_router.weight.T, dim=-1).reshape(-1, 3).mean(0)
+        combined = sum(p[e] * fc2.lily_hp.weight[e] for e in range(3))
+        expected = fc2.base(seen["z"]) + 0.5 * h @ combined
+        torch.testing.assert_close(seen["y"], expected, atol=1e-6, rtol=1e-5)
+        assert (h == 0).any() and (h > 0).any()  # the ReLU is really exercised
+    assert fc2.lily_lp.in_features == fc1.in_features and fc2.lily_hp.weight.shape[-1] == fc2.out_features
+    assert not method.mergeable and fc2.delta_weight() is None
 
 
 def test_lily_sharing_is_by_object_and_survives_save_load():
@@ -289,8 +323,11 @@ def test_lily_sharing_is_by_object_and_survives_save_load():
 
 def test_lily_monoscale_merges_and_equals_uniform_router():
     roles = ["q", "v", "fc1"]
-    common = {"rank": 4, "num_experts": 3, "lp_stride": 1, "scaling": 0.5, "target_roles": roles}
+    common = {"rank": 4, "num_experts": 3, "lp_stride": 1, "scaling": 0.5, "target_roles": roles,
+              "mlp_placement": "per_linear"}  # fmt: skip
     assert not build_method("lily", common).mergeable
+    block = {**common, "mlp_placement": "block", "monoscale": True, "mlp_activation": "identity"}
+    assert not build_method("lily", block).mergeable  # the block adapter reads the MLP input, not fc2's
     assert not build_method("lily", {**common, "monoscale": True}).mergeable  # ReLU on fc1
     assert build_method("lily", {**common, "monoscale": True, "mlp_activation": "identity"}).mergeable
     assert build_method("lily", {**common, "monoscale": True, "target_roles": ["q", "v"]}).mergeable
@@ -352,7 +389,7 @@ def test_lily_records_router_loads_in_training_only():
     with torch.no_grad():
         model(tiny_text_batch(model, seed=9))  # evaluation is not recorded
     loads = method.artifacts(model)["router_loads"]
-    assert set(loads) == set(method.adapted_layers(model))
+    assert set(loads) == set(method._lily_layers(model))  # every adapter (InputTaps only post the MLP input)
     entry = loads[name]
     assert entry["forwards"] == 3 and entry["history_steps"] == [1, 2, 3]
     assert len(hidden) == 4  # three training forwards and one evaluation

@@ -131,7 +131,8 @@ st.subheader("Runs")
 diff_only = st.toggle("Config: differences only", value=True, key="diff_only")
 chosen["pareto"] = pareto_mask(chosen, y=metric)
 summary_columns = ["run_id", "label", "method", "model", "dataset", "seed", "status", "eval_accuracy", "eval_loss",
-                   "trainable_params", "ms_per_step", "peak_rss_mb", "pareto"]  # fmt: skip
+                    "trainable_params", "stored_params", "stored_bytes", "ms_per_step", "peak_rss_mb",
+                    "pareto"]  # fmt: skip
 summary_columns += [metric] if metric not in summary_columns else []
 if diff_only:
     config = differences_only(chosen)

@@ -9,6 +9,7 @@ import streamlit as st
 import yaml
 
 from app import charts
+from app.analysis_common import method_ranks
 from app.common import STATUS_ICONS, elapsed_s, format_duration, resume_button, selected_run_id
 from app.generations import show_generations
 from db import store
@@ -87,8 +88,10 @@ def detail() -> None:
             "last heartbeat": run["heartbeat_at"], "created": run["created_at"],
             "started": run["started_at"], "finished": run["finished_at"], **(summary.get("timings") or {}),
             "steps": summary.get("steps"), "adapter params (formula)": summary.get("adapter_params"),
+            "stored params": summary.get("stored_params"), "stored bytes": summary.get("stored_bytes"),
         }  # fmt: skip
         st.dataframe(pd.DataFrame({"": [str(v) for v in info.values()]}, index=list(info)), width="stretch")
+        method_ranks(run_id)
         st.subheader("Artifacts")
         arts = store.list_artifacts(run_id)
         if arts:

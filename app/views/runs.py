@@ -40,6 +40,7 @@ def runs_table(runs: list[dict]) -> pd.DataFrame:
             "elapsed": [format_duration(elapsed_s(r)) for r in runs],
             "eval accuracy": [final_accuracy(r) for r in runs],
             "trainable params": [r["trainable_params"] for r in runs],
+            "stored params": [(r.get("summary") or {}).get("stored_params") for r in runs],
             "detail": [f"/run_detail?run={r['id']}" for r in runs],
             "study": [f"/study?study={r['study_id']}" if r.get("study_id") else None for r in runs],
         }

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app import charts
-from app.analysis_common import pick_runs, short_layer_names, stored_spectra, trained_runs
+from app.analysis_common import chosen_ranks, pick_runs, short_layer_names, stored_spectra, trained_runs
 from app.common import config_form
 from app.summary import short_label
 from engine.analysis.spectra import SCALAR_COLUMNS
@@ -52,7 +52,11 @@ labels = {run_id: short_label(by_id[run_id]) for run_id in spectra}
 # --- scalars -----------------------------------------------------------------------------------------
 st.subheader("Scalars per layer")
 tables = [s.table.assign(run=labels[run_id]) for run_id, s in spectra.items()]
-scalars = pd.concat(tables, ignore_index=True)[["run", "layer", "role", "block", "source", *SCALAR_COLUMNS]]
+for run_id, table in zip(spectra, tables, strict=True):  # per-layer ranks a method chose (SoKA), beside the spectra
+    found = chosen_ranks(run_id)
+    table["chosen rank"] = table["layer"].map(found[0]) if found is not None else None
+scalars = pd.concat(tables, ignore_index=True)[["run", "layer", "role", "block", "source", "chosen rank",
+                                                *SCALAR_COLUMNS]]  # fmt: skip
 st.dataframe(scalars, hide_index=True, width="stretch", key="spectra_scalars")
 for run_id, s in spectra.items():
     settings = ", ".join(f"{k} {v}" for k, v in s.settings.items() if k != "analysis")

@@ -82,6 +82,15 @@ class PeftLoraOptions:
     init: bool | str = True
 
 
+@dataclass(frozen=True)
+class StoredSize:
+    """What a method's adapter file holds besides the task head: ``params`` values and ``bytes`` bytes
+    (``Method.stored_size``). Packed low-bit codes count as the weights they encode; sparse indices as bytes only."""
+
+    params: int
+    bytes: int
+
+
 class RankChoiceError(UserError, TypeError):
     """A rank was asked of a layer whose factors cannot give it. Also a ``TypeError``: the rank is an argument
     this layer does not take (callers that caught the ``TypeError`` of a rank-less signature keep working)."""
@@ -316,6 +325,17 @@ class Method:
     def adapter_param_count(self, model: TaskModel) -> int:
         """Closed-form parameter count (docs/METHODS.md), excluding the task head. Tested against reality."""
         raise NotImplementedError
+
+    def trainable_param_count(self, model: TaskModel) -> int:
+        """Entries that training can change, task head included (HEAT leaves out its masked heads' slices)."""
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)  # nn.Module counts a shared one once
+
+    def stored_size(self, model: TaskModel) -> StoredSize:
+        """Values and bytes of the adapter file without the task head (what a user stores per task)."""
+        head = set(model.head_parameter_names())
+        tensors = [t for k, t in self.adapter_state_dict(model).items() if k not in head]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        return StoredSize(params=sum(t.numel() for t in tensors), bytes=nbytes)
 
     def artifacts(self, model: TaskModel) -> dict[str, Any]:
         """JSON-able analysis data the method wants stored with the run (scores, router loads, ...)."""

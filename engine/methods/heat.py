@@ -44,6 +44,13 @@ from torch import nn
 from engine.methods.base import AdaptedLinear, Method, PeftLoraOptions, TargetedConfig, TrainContext, register_method
 from engine.methods.lora import LoRA, LoRALinear
 from engine.methods.lowrank import LowRankFactors, lora_scaling
+from engine.methods.quantized import (
+    latent_weight,
+    packed_adapter_state_dict,
+    quantize_weight,
+    quantized_stored_size,
+    unpack_into_latents,
+)
 
 HEAD_ROLES = ("q", "k", "v", "o")  # the roles whose weights split by head: rows of q/k/v, columns of o
 
@@ -60,6 +67,10 @@ class HEATConfig(TargetedConfig):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input (base lora)")
     adapter_dim: int = Field(8, ge=1, le=4096, description="bottleneck width of the parallel adapter (base adapter)")
     adapter_scale: float = Field(0.1, gt=0, description="s, the parallel adapter's output scale (AdaptFormer: 0.1)")
+    bits: int | None = Field(
+        None, ge=1, le=8,
+        description="quantise the base adapter's weights to this many bits (1: Bi-LoRA / Bi-AdaptFormer); None: float",
+    )  # fmt: skip
     strategy: Literal["weight", "gate", "adapter"] = Field(
         "weight", description="Taylor importance of a head: frozen weights, a head gate, or the warmed-up adapter"
     )
@@ -163,7 +174,7 @@ class HeadMaskedLoRALinear(LoRALinear):
 
     def head_sliced_parameters(self) -> list[tuple[torch.Tensor, int]]:
         """The tensors whose slices belong to one head, with the axis the heads split."""
-        return [(self.factor_B.weight, 0)] if self.head_axis == 0 else [(self.factor_A.weight, 1)]
+        return [(latent_weight(self.factor_B), 0)] if self.head_axis == 0 else [(latent_weight(self.factor_A), 1)]
 
 
 class HeadMaskedAdapterLinear(AdaptedLinear):
@@ -196,7 +207,7 @@ class HeadMaskedAdapterLinear(AdaptedLinear):
         return self.base(x) + update
 
     def head_sliced_parameters(self) -> list[tuple[torch.Tensor, int]]:
-        return [(self.heat_up.weight, 0)] if self.head_axis == 0 else [(self.heat_down.weight, 1)]
+        return [(latent_weight(self.heat_up), 0)] if self.head_axis == 0 else [(latent_weight(self.heat_down), 1)]
 
 
 HeadMaskedLayer = HeadMaskedLoRALinear | HeadMaskedAdapterLinear
@@ -375,9 +386,17 @@ class HEAT(Method):
         cfg: HEATConfig = self.config
         axis = _head_axis(layer.role)
         heads = layer_heads(layer.role, model.info.num_heads, model.info.num_kv_heads)
+        adapted: HeadMaskedLayer
         if cfg.base == "lora":
-            return HeadMaskedLoRALinear(base, cfg.rank, cfg.lora_scaling(), cfg.dropout, heads, axis)
-        return HeadMaskedAdapterLinear(base, cfg.adapter_dim, cfg.adapter_scale, heads, axis)
+            adapted = HeadMaskedLoRALinear(base, cfg.rank, cfg.lora_scaling(), cfg.dropout, heads, axis)
+            projections = [adapted.factor_A, adapted.factor_B]
+        else:
+            adapted = HeadMaskedAdapterLinear(base, cfg.adapter_dim, cfg.adapter_scale, heads, axis)
+            projections = [adapted.heat_down, adapted.heat_up]
+        if cfg.bits is not None:  # Bi-LoRA / Bi-AdaptFormer bases (engine/methods/quantized.py)
+            for projection in projections:
+                quantize_weight(projection, cfg.bits)
+        return adapted
 
     def peft_lora_options(self) -> PeftLoraOptions | None:
         """The LoRA base as PEFT's LoRA (masked heads are zero rows or columns of its factors); the bottleneck
@@ -400,10 +419,37 @@ class HEAT(Method):
         return [(l.block, l.module) for l in self.target_layers(model)]
 
     def adapter_param_count(self, model) -> int:
-        """``Σ_layers r (d_in + d_out)`` (r: LoRA rank or bottleneck width); masked slices still exist."""
+        """``Σ_layers r (d_in + d_out)`` (r: LoRA rank or bottleneck width) minus the masked heads' slices, which
+        get no gradient once masked (they are still stored, as zeros)."""
         cfg: HEATConfig = self.config
         width = cfg.rank if cfg.base == "lora" else cfg.adapter_dim
-        return sum(width * (l.module.in_features + l.module.out_features) for l in self.target_layers(model))
+        total = sum(width * (l.module.in_features + l.module.out_features) for l in self.target_layers(model))
+        return total - self.masked_adapter_params(model)
+
+    def masked_adapter_params(self, model) -> int:
+        """Entries of the adapter tensors that belong to masked heads (0 before masking)."""
+        masked = 0
+        for _, layer in self._masked_layers(model):
+            n_masked = int((layer.heat_mask.heads == 0).sum())
+            heads = layer.heat_mask.num_heads  # a grouped key/value projection has fewer heads than the queries
+            masked += sum(p.numel() // heads * n_masked for p, _ in layer.head_sliced_parameters())
+        return masked
+
+    def trainable_param_count(self, model) -> int:
+        return super().trainable_param_count(model) - self.masked_adapter_params(model)
+
+    def adapter_state_dict(self, model) -> dict[str, torch.Tensor]:
+        if self.config.bits is None:
+            return super().adapter_state_dict(model)
+        return packed_adapter_state_dict(self, model)
+
+    def load_adapter_state_dict(self, model, state: dict[str, torch.Tensor]) -> None:
+        super().load_adapter_state_dict(model, state)
+        if self.config.bits is not None:
+            unpack_into_latents(model)
+
+    def stored_size(self, model):
+        return super().stored_size(model) if self.config.bits is None else quantized_stored_size(self, model)
 
     # -- calibration and masking -----------------------------------------------------------------
     def head_importance(self, model, batches, loss_fn) -> torch.Tensor:
@@ -486,11 +532,7 @@ class HEAT(Method):
         if self.scores is None:
             return {}
         assert self.head_mask is not None  # installed together with the scores (calibrate, load_state)
-        masked_params = 0
-        for _, layer in self._masked_layers(model):
-            n_masked = int((layer.heat_mask.heads == 0).sum())
-            heads = layer.heat_mask.num_heads
-            masked_params += sum(p.numel() // heads * n_masked for p, _ in layer.head_sliced_parameters())
+        masked_params = self.masked_adapter_params(model)
         return {
             "strategy": self.config.strategy,
             "blocks": self.blocks,

@@ -17,10 +17,19 @@ Parameters per type ``n_LP·d_in·d + ne·d·d_out + L·d·ne`` with ``n_LP = �
 on the input. The "monoscale" ablation fixes ``p = 1/ne`` (no router, so ``L·d·ne`` fewer parameters); it is
 then ``ΔW = s · (mean_e HP_e)ᵀ W_LP``, mergeable and linear in x, unless the ReLU of MLP targets is on.
 
+MLP placement (``mlp_placement``, docs/METHODS.md#lily). ``"block"`` (default, the official code's): one adapter
+beside the whole MLP block of each transformer block, reading the MLP's input and added to its output::
+
+    h = ReLU(LP_l(x_mlp));   MLP(x_mlp) + s · h · Σ_e p_e HP_e        LP: d_model → d, HP_e: d → d_model
+
+(the block's ``fc1`` posts ``x_mlp``, its ``fc2`` adds the branch; fc1 or fc2 in ``target_roles`` asks for it).
+``"per_linear"`` wraps ``fc1`` and ``fc2`` separately, each with its own LP/HP type (ReLU after the LP).
+
 Our choices where the paper is silent (the first is a config option):
 
-* ``lp_stride = 0`` (the default) shares one LP over ``⌈L/ne⌉`` consecutive layers, which gives the official
-  code's ``ne`` LPs over 12 layers; ``lp_stride = 1`` gives every layer its own LP.
+* ``lp_stride = 0`` (the default) shares one LP over ``max(1, L // ne)`` consecutive layers, the official code's
+  ``12 // ne`` for L layers (so ``⌈L / stride⌉`` LPs: ne of them when ne divides L); ``lp_stride = 1`` gives every
+  layer its own LP.
 * p averages over every token position the layer sees, padding included (the layer does not see the
   attention mask), as Hugging Face PEFT's LiLy does.
 * Initialisation as PEFT: LP and router Kaiming-uniform (a = √5, ``nn.Linear``'s default), HP zero.
@@ -50,6 +59,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
+from engine.methods.adapters import InputTap, Mailbox, paired_layers
 from engine.methods.base import AdaptedLinear, Method, TargetedConfig, TrainContext, register_method
 
 MLP_ROLES = ("fc1", "fc2", "gate", "up", "down")
@@ -60,7 +70,10 @@ class LilyConfig(TargetedConfig):
     num_experts: int = Field(4, ge=1, le=64, description="ne, HP experts shared by all layers of a module type")
     scaling: float = Field(1.0, gt=0, description="s, multiplies the adapter output (paper: tuned, 0.01-0.1 on GLUE)")
     lp_stride: int = Field(
-        0, ge=0, le=1024, description="consecutive layers sharing one LP (0: ⌈L/ne⌉, i.e. about ne LPs per type)"
+        0, ge=0, le=1024, description="consecutive layers sharing one LP (0: L // ne, the official code's 12 // ne)"
+    )
+    mlp_placement: Literal["block", "per_linear"] = Field(
+        "block", description="MLP targets: one adapter beside the whole MLP (official) or one per fc1/fc2 layer"
     )
     mlp_activation: Literal["relu", "identity"] = Field(
         "relu", description="applied to the LP output of MLP targets (fc1, fc2); attention targets use identity"
@@ -68,7 +81,7 @@ class LilyConfig(TargetedConfig):
     monoscale: bool = Field(False, description="ablation: fixed p = 1/ne, no router; the adapter becomes mergeable")
 
     def stride_for(self, num_layers: int) -> int:
-        return self.lp_stride or max(1, math.ceil(num_layers / self.num_experts))
+        return self.lp_stride or max(1, num_layers // self.num_experts)
 
 
 class LilyExperts(nn.Module):
@@ -172,8 +185,12 @@ class LilyLinear(AdaptedLinear):
             self.router_loads.add(mixing)
         return mixing
 
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the LP reads: the layer's own input (the block placement reads the MLP's input instead)."""
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.lily_lp(x)
+        hidden = self.lily_lp(self.adapter_input(x))
         if self.relu:
             hidden = F.relu(hidden)
         combined = self.lily_hp.combine(self.mixing_weights(hidden))
@@ -184,6 +201,22 @@ class LilyLinear(AdaptedLinear):
             return None
         mixing = torch.full((self.lily_hp.num_experts,), 1.0 / self.lily_hp.num_experts, device=self.base.weight.device)
         return self.scaling * (self.lily_hp.combine(mixing).t() @ self.lily_lp.weight)
+
+
+class LilyMLPLinear(LilyLinear):
+    """The official MLP placement: the block's ``fc2`` plus ``s · ReLU(LP(x_mlp)) · Σ p_e HP_e``, with ``x_mlp`` the
+    MLP's input posted by the block's ``fc1`` (an ``InputTap``). Not linear in the layer's input."""
+
+    def __init__(self, base: nn.Linear, mailbox: Mailbox, *args: Any):
+        super().__init__(base, *args)
+        self.mailbox = mailbox
+        self.linear_in_x = False
+
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mailbox.take()
+
+    def delta_weight(self) -> torch.Tensor | None:
+        return None
 
 
 @register_method
@@ -200,8 +233,8 @@ class Lily(Method):
 
     @property
     def mergeable(self) -> bool:  # type: ignore[override]  # read-only here, a plain attribute on Method
-        """Only the monoscale ablation without ReLU is a fixed linear map, hence mergeable."""
-        return self.config.monoscale and not self._uses_relu()
+        """Only the monoscale ablation without ReLU on per-layer placements is a fixed linear map, hence mergeable."""
+        return self.config.monoscale and not self._uses_relu() and not self._block_mlp()
 
     def default_export_rank(self) -> int:
         """ΔW (monoscale) has rank at most d, the width between LPs and HPs: the SVD conversion's first guess."""
@@ -211,21 +244,33 @@ class Lily(Method):
         cfg: LilyConfig = self.config
         return cfg.mlp_activation == "relu" and any(r in MLP_ROLES for r in cfg.target_roles)
 
+    def _block_mlp(self) -> bool:
+        """Whether MLP targets get the official adapter beside the whole MLP block."""
+        cfg: LilyConfig = self.config
+        return cfg.mlp_placement == "block" and any(r in MLP_ROLES for r in cfg.target_roles)
+
     def _groups(self, model) -> dict[tuple[str, int, int], list]:
-        """Targeted layers by (role, d_in, d_out), in model order: each group shares HPs and strided LPs."""
+        """Adapters by (role, d_in, d_out), in model order: each group shares HPs and strided LPs. With the block
+        placement the MLP is one group ``("mlp", fc1's d_in, fc2's d_out)`` of ``(fc1, fc2)`` pairs."""
         groups: dict[tuple[str, int, int], list] = {}
         for layer in self.target_layers(model):
+            if self._block_mlp() and layer.role in MLP_ROLES:
+                continue
             key = (layer.role, layer.module.in_features, layer.module.out_features)
             groups.setdefault(key, []).append(layer)
+        if self._block_mlp():
+            for _block, fc1, fc2 in paired_layers(model, "fc1", "fc2", self.config.blocks):
+                key = ("mlp", fc1.module.in_features, fc2.module.out_features)
+                groups.setdefault(key, []).append((fc1, fc2))
         return groups
 
     def inject(self, model) -> None:
         cfg: LilyConfig = self.config
         for (role, d_in, d_out), layers in self._groups(model).items():
-            w = layers[0].module.weight
+            w = (layers[0][1] if role == "mlp" else layers[0]).module.weight
             hp = LilyExperts(cfg.num_experts, cfg.rank, d_out, device=w.device, dtype=w.dtype)
             stride = cfg.stride_for(len(layers))
-            relu = role in MLP_ROLES and cfg.mlp_activation == "relu"
+            relu = role in (*MLP_ROLES, "mlp") and cfg.mlp_activation == "relu"
             lp = None
             for i, layer in enumerate(layers):
                 if i % stride == 0:
@@ -234,8 +279,16 @@ class Lily(Method):
                 router = None
                 if not cfg.monoscale:
                     router = nn.Linear(cfg.rank, cfg.num_experts, bias=False, device=w.device, dtype=w.dtype)
-                adapted = LilyLinear(layer.module, lp, hp, router, cfg.scaling, relu, layer.role, layer.block)
-                model.set_submodule(layer.name, adapted)
+                if role == "mlp":
+                    fc1, fc2 = layer
+                    mailbox = Mailbox()
+                    model.set_submodule(fc1.name, InputTap(fc1.module, mailbox))
+                    adapted: LilyLinear = LilyMLPLinear(fc2.module, mailbox, lp, hp, router, cfg.scaling, relu,
+                                                        "mlp", fc2.block)  # fmt: skip
+                    model.set_submodule(fc2.name, adapted)
+                else:
+                    adapted = LilyLinear(layer.module, lp, hp, router, cfg.scaling, relu, layer.role, layer.block)
+                    model.set_submodule(layer.name, adapted)
 
     def adapter_param_count(self, model) -> int:
         cfg: LilyConfig = self.config

@@ -9,10 +9,13 @@ The paper uses a full SVD; ``svd_niter > 0`` uses PEFT's fast randomized alterna
 with that many subspace iterations, PEFT's ``init_lora_weights="pissa_niter_<k>"``).
 
 Also here: ``ResidualLowRankLinear``, the layer PiSSA and CorDA share (both move a rank-r part of ``W0`` into
-the adapter and freeze the residual). It keeps the initial factors ``A0, B0`` as buffers in the adapter's state
-dict, so ``pretrained_weight() = W_res + s B0 A0`` recovers ``W0`` exactly, an export step can turn the adapter
-into a plain LoRA on ``W0`` (``ΔW = s(B A − B0 A0)``), and loading an adapter into a freshly built model rebuilds
-the matching residual (see ``_load_from_state_dict``).
+the adapter and freeze the residual). It keeps the initial factors ``A0, B0`` as buffers, so
+``pretrained_weight() = W_res + s B0 A0`` recovers ``W0`` exactly. They go into the adapter file only where a
+fresh model cannot rebuild them (``keep_initial``): CorDA's come from calibration data, and PiSSA's randomized SVD
+(``svd_niter > 0``) from a random draw; loading such a file rebuilds the matching residual (see
+``_load_from_state_dict``). PiSSA's full SVD is recomputed from ``W0`` when the adapter is applied, so its file
+holds only A and B (and the task head): half the size. The PEFT export needs neither (it compares the residual
+with the pretrained model itself, ``engine/export/peft_format.py``).
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ class ResidualLowRankLinear(LowRankUpdateLinear):
     LoRA (A Kaiming-uniform, B = 0, ``W_res = W0``). Its ``low_rank_factors()`` are ΔW relative to the residual.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0, keep_initial: bool = True):
         super().__init__(base, rank, scaling, dropout)
-        self.register_buffer(self.factor_prefix + "initial_A", self.factor_A.weight.detach().clone())
-        self.register_buffer(self.factor_prefix + "initial_B", self.factor_B.weight.detach().clone())
+        # Saved with the adapter only when a fresh model cannot recompute them (``keep_initial``).
+        for name, weight in (("initial_A", self.factor_A.weight), ("initial_B", self.factor_B.weight)):
+            self.register_buffer(self.factor_prefix + name, weight.detach().clone(), persistent=keep_initial)
 
     @property
     def initial_A(self) -> torch.Tensor:
@@ -129,7 +133,8 @@ class PiSSA(Method):
 
     def make_layer(self, base, layer, model):
         cfg: PiSSAConfig = self.config
-        adapted = PiSSALinear(base, cfg.rank, cfg.scaling(), cfg.dropout)
+        # A full SVD is a function of W0: a fresh model recomputes A0, B0, so the file does not carry them.
+        adapted = PiSSALinear(base, cfg.rank, cfg.scaling(), cfg.dropout, keep_initial=cfg.svd_niter > 0)
         adapted.initialise_from(*principal_factors(base.weight, cfg.rank, cfg.scaling(), cfg.svd_niter))
         return adapted
 

@@ -16,10 +16,19 @@ Our choices, where the paper does not say (all exposed in the config):
 
 * which matrix: ``W0`` itself, PiSSA-style: the adapter starts at the top-r Kronecker components and the frozen
   weight becomes the residual ``W0 − Σ U_k ⊗ V_k``, so the adapted model starts equal to the pretrained one;
-* rank: ``energy`` takes the smallest r with ``Σ_{k≤r} σ_k² / Σ_k σ_k² ≥ τ`` (τ = 0.9); ``elbow`` finds the
-  point of the spectrum ``(k, σ_k)`` farthest below the chord from its first to its last point and keeps the
-  components before it; ``fixed`` keeps ``max_rank``. Every criterion is capped by ``max_rank`` (8) and by the
-  number of singular values ``min(m1n1, m2n2)``; the rank is chosen per layer;
+* rank, per layer, read from a spectrum (``rank_spectrum``): by default the KPSVD spectrum of the *update*, as the
+  paper's KPSVD "extracts principal components of the full weight update". Before training the update is
+  estimated by ``−Σ ∂L/∂W`` over ``calibration_batches`` (8) training batches (the first-order direction of full
+  fine-tuning), in ``on_train_start``; ``"weight"`` reads W0's own spectrum at injection. W0's Kronecker spectrum
+  is flat on pretrained transformers (MiniLM: σ_8/σ_1 ≈ 0.87–0.95, τ = 0.9 needs 167–174 of 384 components),
+  so no criterion on it picks a small rank; the update's spectrum decays, and differs from layer to layer;
+* criterion (``rank_criterion``): ``elbow`` (default) finds the point of the spectrum ``(k, σ_k)`` farthest below
+  the chord from its first to its last point and keeps the components before it; ``energy`` takes the smallest r
+  with ``Σ_{k≤r} σ_k² / Σ_k σ_k² ≥ τ`` (τ = 0.9) on the squared spectrum; ``fixed`` keeps ``max_rank``. Both
+  look at the leading ``window`` (16) values only: on the whole update spectrum the elbow lies at 18–52
+  components on MiniLM, above any adapter-sized rank. Every criterion is capped by ``max_rank`` (8) and by the
+  number of singular values; the rank the criterion asked for is kept (``asked_ranks``) and a binding cap is
+  logged as a warning;
 * factor shapes: ``sqrt`` takes m1 (n1) as the largest divisor of d_out (d_in) not above its square root, so U_k
   is the smaller factor and ``R(W)`` is close to square; ``sqrt_swapped`` gives U_k the larger factor;
   ``u_rows``/``u_cols`` fix m1/n1 for every layer.
@@ -111,42 +120,57 @@ def kronecker_svd(
     return u, v, sigma
 
 
-def select_rank(sigma: torch.Tensor, criterion: RankCriterion, energy_threshold: float, max_rank: int) -> int:
-    """How many Kronecker components to keep, from the singular values σ_1 ≥ σ_2 ≥ ... of ``R(W)``.
+def choose_rank(sigma: torch.Tensor, criterion: RankCriterion, energy_threshold: float, max_rank: int,
+                window: int = 0) -> int:  # fmt: skip
+    """The number of components a criterion asks for, before the cap (``select_rank`` applies it).
 
     ``energy``: the smallest r with ``Σ_{k≤r} σ_k² / Σ σ² ≥ τ``. ``elbow``: the point ``(k, σ_k)`` farthest below
-    the chord from ``(1, σ_1)`` to ``(K, σ_K)`` starts the flat tail; keep the components before it.
-    ``fixed``: ``max_rank``. The result lies in ``[1, min(max_rank, K)]``.
+    the chord from the first to the last point of the spectrum starts the flat tail; keep the components before
+    it. ``window > 0`` looks at the leading ``window`` values only (elbow and energy). ``fixed``: ``max_rank``.
     """
-    count = sigma.numel()
     sigma = sigma.double()
+    if window > 0:
+        sigma = sigma[:window]
+    count = sigma.numel()
     if criterion == "fixed":
-        rank = max_rank
-    elif criterion == "energy":
+        return max_rank
+    if criterion == "energy":
         energy = sigma.square()
         total = energy.sum()
         if total <= 0:
             return 1
         captured = energy.cumsum(0) / total
-        rank = int((captured < energy_threshold - 1e-9).sum()) + 1
-    elif criterion == "elbow":
+        return int((captured < energy_threshold - 1e-9).sum()) + 1
+    if criterion == "elbow":
         if count < 3:
             return 1
         position = torch.arange(count, dtype=torch.float64)
         chord = sigma[0] + (sigma[-1] - sigma[0]) * position / (count - 1)
-        elbow = int(torch.argmax(chord - sigma))  # 0-based index of the first tail point
-        rank = elbow  # the components before the elbow
-    else:
-        raise ValueError(f"unknown rank criterion {criterion!r}: use energy, elbow or fixed")
-    return max(1, min(rank, max_rank, count))
+        return max(1, int(torch.argmax(chord - sigma)))  # 0-based index of the first tail point
+    raise ValueError(f"unknown rank criterion {criterion!r}: use energy, elbow or fixed")
+
+
+def select_rank(sigma: torch.Tensor, criterion: RankCriterion, energy_threshold: float, max_rank: int,
+                window: int = 0) -> int:  # fmt: skip
+    """``choose_rank`` capped to ``[1, min(max_rank, K)]`` (K: the number of singular values)."""
+    rank = choose_rank(sigma, criterion, energy_threshold, max_rank, window)
+    return max(1, min(rank, max_rank, sigma.numel()))
 
 
 # --- the method -----------------------------------------------------------------------------------
 
 
 class SoKAConfig(TargetedConfig):
+    rank_spectrum: Literal["update", "weight"] = Field(
+        "update",
+        description="spectrum the rank is read from: the estimated update (calibration gradient) or W0 itself",
+    )
     rank_criterion: RankCriterion = Field(
-        "energy", description="how each layer's rank is chosen: energy threshold τ, spectrum elbow, or max_rank"
+        "elbow", description="how each layer's rank is chosen: energy threshold τ, spectrum elbow, or max_rank"
+    )
+    window: int = Field(16, ge=0, description="leading singular values the criterion looks at (0: all)")
+    calibration_batches: int = Field(
+        8, ge=1, description="training batches whose summed gradient estimates the update (rank_spectrum update)"
     )
     energy_threshold: float = Field(
         0.9, gt=0.0, le=1.0, description="τ: keep the fewest components holding this share of Σσ² (energy)"
@@ -221,27 +245,102 @@ class SoKA(Method):
     mergeable = True
     summary = "ΔW = Σ U_k ⊗ V_k initialised by Kronecker-product SVD of W0, rank from the spectrum (PiSSA-style)"
     paper = "Chong & Qu 2025, Singular Value Decomposition on Kronecker Adaptation for LLMs (arXiv 2506.15251)"
-    test_params = {"rank_criterion": "energy", "energy_threshold": 0.5, "max_rank": 3, "target_roles": ["q", "fc1"]}
+    test_params = {
+        "rank_spectrum": "weight", "rank_criterion": "energy", "energy_threshold": 0.5, "max_rank": 3,
+        "target_roles": ["q", "fc1"],
+    }  # fmt: skip
 
     def __init__(self, config=None):
         super().__init__(config)
         self._layers: dict[str, SoKALinear] = {}
+        self.asked: dict[str, int] = {}  # per layer, the rank the criterion asked for before the cap
+        self.ranked_on: str | None = None  # the spectrum the ranks were read from, once chosen
+
+    def factor_shape(self, weight: torch.Tensor) -> tuple[int, int, int, int]:
+        cfg: SoKAConfig = self.config
+        return kronecker_factor_shapes(weight.shape[0], weight.shape[1], cfg.factor_rule, cfg.u_rows, cfg.u_cols)
+
+    def rank_of(self, matrix: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[int, int]:
+        """(capped rank, asked rank) the config reads from the KPSVD spectrum of ``matrix``."""
+        cfg: SoKAConfig = self.config
+        sigma = torch.linalg.svdvals(vlp_rearrange(matrix.detach().float(), *shape))
+        asked = choose_rank(sigma, cfg.rank_criterion, cfg.energy_threshold, cfg.max_rank, cfg.window)
+        return select_rank(sigma, cfg.rank_criterion, cfg.energy_threshold, cfg.max_rank, cfg.window), asked
 
     def layer_plan(self, weight: torch.Tensor) -> tuple[tuple[int, int, int, int], int]:
-        """(factor shape, rank) the config gives a frozen weight W0."""
+        """(factor shape, rank) at injection: from W0's spectrum (``rank_spectrum = "weight"``), else ``max_rank``
+        until calibration reads the update's spectrum (``on_train_start``)."""
         cfg: SoKAConfig = self.config
-        shape = kronecker_factor_shapes(weight.shape[0], weight.shape[1], cfg.factor_rule, cfg.u_rows, cfg.u_cols)
-        m1, m2, n1, n2 = shape
-        sigma = torch.linalg.svdvals(vlp_rearrange(weight.detach().float(), m1, m2, n1, n2))
-        return shape, select_rank(sigma, cfg.rank_criterion, cfg.energy_threshold, cfg.max_rank)
+        shape = self.factor_shape(weight)
+        if cfg.rank_spectrum != "weight":
+            return shape, min(cfg.max_rank, min(shape[0] * shape[2], shape[1] * shape[3]))
+        return shape, self.rank_of(weight, shape)[0]
 
     def make_layer(self, base, layer, model):
         shape, rank = self.layer_plan(base.weight)
+        if self.config.rank_spectrum == "weight":
+            self.asked[layer.name] = self.rank_of(base.weight, shape)[1]
         return SoKALinear(base, shape, rank)
 
     def inject(self, model) -> None:
         super().inject(model)
         self._layers = {n: l for n, l in self.adapted_layers(model).items() if isinstance(l, SoKALinear)}
+        if self.config.rank_spectrum == "weight":
+            self.ranked_on = "weight"
+
+    @torch.no_grad()
+    def update_estimate(self, model, batches, loss_fn) -> dict[str, torch.Tensor]:
+        """``−Σ_batches ∂L/∂W`` per layer: the first-order direction of the full fine-tuning update (the gradient of
+        the effective weight equals the gradient of its frozen part, ``W_res``, in both forward routes)."""
+        weights = {n: l.base.weight for n, l in self._layers.items()}
+        total = {n: torch.zeros_like(w) for n, w in weights.items()}
+        was_training = model.training
+        model.eval()
+        try:
+            for w in weights.values():
+                w.requires_grad_(True)
+            for batch in batches:
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(loss_fn(batch), list(weights.values()))
+                for name, g in zip(weights, grads):
+                    total[name] -= g
+        finally:
+            for w in weights.values():
+                w.requires_grad_(False)
+            model.train(was_training)
+        return total
+
+    def choose_ranks_from_update(self, model, batches, loss_fn) -> dict[str, int]:
+        """Read each layer's rank from the KPSVD spectrum of the estimated update and re-split the layer at it."""
+        estimate = self.update_estimate(model, batches, loss_fn)
+        for name, layer in self._layers.items():
+            rank, self.asked[name] = self.rank_of(estimate[name], layer.factor_shape)
+            if rank != layer.rank:
+                layer.set_rank(rank)
+        self.ranked_on = "update"
+        return self.ranks()
+
+    def capped_layers(self) -> list[str]:
+        """Layers whose criterion asked for more components than ``max_rank`` allows."""
+        return [n for n, asked in self.asked.items() if asked > self.config.max_rank]
+
+    def on_train_start(self, ctx) -> bool:
+        from itertools import islice
+
+        cfg: SoKAConfig = self.config
+        changed = False
+        if cfg.rank_spectrum == "update" and self.ranked_on is None:
+            self.choose_ranks_from_update(ctx.model, islice(ctx.batches(), cfg.calibration_batches), ctx.loss_fn)
+            changed = True
+        if ctx.log is not None:
+            ctx.log(f"SoKA ranks ({cfg.rank_criterion} on the {self.ranked_on} spectrum): "
+                    + ", ".join(f"{n.removeprefix('net.')} {r}" for n, r in self.ranks().items()))  # fmt: skip
+            capped = self.capped_layers()
+            if capped:
+                ctx.log(f"warning: SoKA max_rank {cfg.max_rank} caps the rank of {len(capped)} layer(s) "
+                        f"(asked {', '.join(str(self.asked[n]) for n in capped)}): raise max_rank to follow "
+                        "the spectrum")  # fmt: skip
+        return changed
 
     def adapter_param_count(self, model) -> int:
         total = 0
@@ -259,15 +358,23 @@ class SoKA(Method):
     def artifacts(self, model) -> dict[str, Any]:
         return {
             "ranks": self.ranks(),
+            "asked_ranks": self.asked,
+            "capped_layers": self.capped_layers(),
+            "max_rank": self.config.max_rank,
+            "rank_spectrum": self.ranked_on,
             "factor_shapes": {n: list(l.factor_shape) for n, l in self._layers.items()},
         }
 
     def state(self) -> dict[str, Any]:
         # The ranks are structural: a reload must rebuild the same factor shapes even if a re-computed
         # spectrum on another device would cross the threshold differently.
-        return {"ranks": self.ranks()}
+        return {"ranks": self.ranks(), "asked_ranks": self.asked, "capped_layers": self.capped_layers(),
+                "ranked_on": self.ranked_on}  # fmt: skip
 
     def load_state(self, model, state: dict[str, Any]) -> None:
+        self.asked = dict(state.get("asked_ranks") or self.asked)
+        if state.get("ranked_on"):
+            self.ranked_on = state["ranked_on"]
         layers = self.adapted_layers(model)
         for name, rank in state.get("ranks", {}).items():
             layer = layers.get(name)
