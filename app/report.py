@@ -144,12 +144,11 @@ def build_report(runs: list[dict], title: str = "PEFT Lab report", metric: str =
     pairs = paired_differences(done, metric)
     if len(pairs):
         parts.append("<h3>Paired differences (same model, evaluation data and seeds)</h3>")
+        intervals = ["" if p["ci_low"] is None or p["ci_low"] != p["ci_low"] else
+                     f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]" for p in pairs.to_dict("records")]  # fmt: skip
         shown = pd.DataFrame({
             "a": pairs["group_a"], "b": pairs["group_b"], "common seeds": pairs["seeds"],
-            "mean a − b": pairs["mean"], "95 % CI": [
-                "" if p["ci_low"] is None or p["ci_low"] != p["ci_low"] else f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]"
-                for p in pairs.to_dict("records")
-            ], "p (paired t)": pairs["p_value"],
+            "mean a − b": pairs["mean"], "95 % CI": intervals, "p (paired t)": pairs["p_value"],
         })  # fmt: skip
         parts.append(_table(shown, numeric=("mean a − b", "p (paired t)")))
     parts.append(figures.html(charts.group_intervals_chart(stats, base, metric=metric)))
