@@ -353,7 +353,11 @@ def _rgba(hex_color: str, alpha: float) -> str:
 
 
 def learning_curve_bands(
-    curves: pd.DataFrame, *, log_y: bool = False, title: str = "Learning curves", y_title: str = "value",
+    curves: pd.DataFrame,
+    *,
+    log_y: bool = False,
+    title: str = "Learning curves",
+    y_title: str = "value",
     band: str = "std",
 ) -> go.Figure:
     """Mean ± std per group (``compare.learning_curves`` rows): a shaded band and a mean line per group. With

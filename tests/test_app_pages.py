@@ -249,7 +249,8 @@ def test_launch_with_unparseable_seeds_shows_an_error_and_creates_no_run(offline
 
 def test_launch_fills_the_form_from_a_pasted_yaml_and_previews_every_run(offline_lab):
     at = open_page("launch")
-    at.text_area(key="yaml_text").set_value("model: tiny-bert\ndataset: {name: tweets-sentiment}\nmethod: {name: lora, rank: 64}")
+    pasted = "model: tiny-bert\ndataset: {name: tweets-sentiment}\nmethod: {name: lora, rank: 64}"
+    at.text_area(key="yaml_text").set_value(pasted)
     at.button(key="yaml_fill").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert at.number_input(key="method.lora.rank").value == 64  # the form starts from the YAML

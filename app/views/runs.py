@@ -71,10 +71,12 @@ def live_runs() -> None:
             "status": st.column_config.TextColumn("status", width=90),
             "name": st.column_config.TextColumn("name", width=170),
             "method": st.column_config.TextColumn("method", width=90),
-            "eval accuracy": st.column_config.TextColumn("eval accuracy", width=95,
-                                                         help="final, or the last evaluation of a running run"),
-            "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent",
-                                                        width=110),
+            "eval accuracy": st.column_config.TextColumn(
+                "eval accuracy", width=95, help="final, or the last evaluation of a running run"
+            ),
+            "progress": st.column_config.ProgressColumn(
+                "progress", min_value=0.0, max_value=1.0, format="percent", width=110
+            ),
             "detail": st.column_config.LinkColumn("detail", display_text="open", width=60),
             "elapsed": st.column_config.TextColumn("elapsed", width=70),
             "seed": st.column_config.NumberColumn("seed", width=50),
