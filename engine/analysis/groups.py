@@ -47,15 +47,19 @@ BOOKKEEPING_FIELDS = (
 
 
 def _full_spec(spec: Any) -> dict[str, Any]:
-    """The spec with RunSpec's defaults filled in (a run stored before a field existed groups with newer ones), or
-    the stored dict as it is when it no longer parses (e.g. an imported run)."""
+    """The spec with RunSpec's and the method's defaults filled in (``rank: 8`` written out or left to the default
+    is one configuration; a run stored before a field existed groups with newer ones), or the stored dict as it is
+    when it no longer parses (e.g. an imported run of a method since renamed)."""
     from engine.spec import SpecError, parse_spec
 
     if isinstance(spec, str):
         spec = json.loads(spec) if spec.strip() else {}
     try:
-        return parse_spec(dict(spec)).model_dump(mode="json")
-    except (SpecError, ValueError, TypeError):
+        parsed = parse_spec(dict(spec))
+        full = parsed.model_dump(mode="json")
+        full["method"] = {"name": parsed.method.name} | parsed.method_config().model_dump(mode="json")
+        return full
+    except (SpecError, ValueError, TypeError, KeyError):
         return dict(spec)
 
 
@@ -100,10 +104,6 @@ def assign_groups(runs: pd.DataFrame) -> pd.DataFrame:
     out["eval_data"] = [_eval_data(c) for c in configs]
     by_key = dict(zip(out["group_key"], configs))
     keys = list(by_key)
-    differing = [
-        f for f in sorted({f for c in by_key.values() for f in c})
-        if f != "method.name" and len({repr(c.get(f)) for c in by_key.values()}) > 1
-    ]  # fmt: skip
     names = out.groupby("group_key", sort=False)["name"].agg(lambda s: set(s))
     name_users: dict[str, int] = {}
     for key in keys:
@@ -115,7 +115,13 @@ def assign_groups(runs: pd.DataFrame) -> pd.DataFrame:
         if len(own) == 1 and name_users[next(iter(own))] == 1:
             labels[key] = next(iter(own))
             continue
-        shown = [f"{f.split('.', 1)[-1]}={_short(config.get(f, '—'))}" for f in differing if f != "model"][:4]
+        # The fields that tell it apart from the groups it shares a name with (all groups if none).
+        peers = [by_key[k] for k in keys if names[k] & own] if own else list(by_key.values())
+        differing = [
+            f for f in sorted({f for c in peers for f in c})
+            if f not in ("method.name", "model") and len({repr(c.get(f)) for c in peers}) > 1
+        ]  # fmt: skip
+        shown = [f"{f.split('.', 1)[-1]}={_short(config.get(f, '—'))}" for f in differing][:4]
         labels[key] = " · ".join([str(config.get("method.name", "?")), *shown])
     seen: dict[str, int] = {}
     for key in keys:  # two groups can still read alike (more than four differing fields): number them
