@@ -29,7 +29,12 @@ def metric_curves(metrics: pd.DataFrame, key: str, labels: dict[str, str] | None
                 name=(labels or {}).get(run_id, run_id), line=dict(color=METHOD_COLORS[i % len(METHOD_COLORS)]),
             )
         )  # fmt: skip
-    return _layout(fig, title or key, "step", key)
+    fig = _layout(fig, title or key, "step", key)
+    if not fig.data:  # no axis running from −1 to 4 around nothing
+        fig.update_xaxes(visible=False)
+        fig.update_yaxes(visible=False)
+        fig.add_annotation(text="nothing logged yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    return fig
 
 
 # --- analysis figures ---
