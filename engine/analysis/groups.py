@@ -197,9 +197,10 @@ def paired_differences(runs: pd.DataFrame, metric: str = "eval_accuracy") -> pd.
             diffs = (va.loc[common] - vb.loc[common]).to_list()
             interval = t_interval(diffs)
             p_value = None
-            if interval["n"] >= 2 and interval["std"]:
-                t = interval["mean"] / (interval["std"] / math.sqrt(interval["n"]))
-                p_value = float(2 * stats.t.sf(abs(t), interval["n"] - 1))
+            n, std = len(diffs), interval["std"]
+            if n >= 2 and std:
+                t = float(np.mean(diffs)) / (float(std) / math.sqrt(n))
+                p_value = float(2 * stats.t.sf(abs(t), n - 1))
             rows.append({"group_a": name_a, "group_b": name_b, "seeds": [int(s) for s in common],
                          "seeds_a": len(va), "seeds_b": len(vb), **interval, "p_value": p_value})  # fmt: skip
     columns = ["group_a", "group_b", "seeds", "seeds_a", "seeds_b", "n", "mean", "std", "ci_low", "ci_high",
