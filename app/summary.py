@@ -71,7 +71,7 @@ def summary_table(runs: list[dict], metric: str = "eval_accuracy") -> list[dict]
     if frame.empty:
         return []
     rows = []
-    for row in group_stats(frame, metric).to_dict("records"):
+    for row in map(_no_nan, group_stats(frame, metric).to_dict("records")):
         rows.append({
             "group": row["group"], "group_key": row["group_key"], "model": row["model"], "dataset": row["dataset"],
             "method": row["method"], "name": ", ".join(row["names"]), "metric": metric, "n": row["n"],
@@ -92,7 +92,12 @@ def paired_table(runs: list[dict], metric: str = "eval_accuracy") -> list[dict]:
     frame = runs_frame([r for r in runs if r["status"] == "succeeded"])
     if frame.empty:
         return []
-    return paired_differences(frame, metric).to_dict("records")
+    return [_no_nan(r) for r in paired_differences(frame, metric).to_dict("records")]
+
+
+def _no_nan(record: dict) -> dict:
+    """NaN (pandas' missing number) as None, so JSON stays valid and tables leave the cell blank."""
+    return {k: None if isinstance(v, float) and v != v else v for k, v in record.items()}
 
 
 def _number(value: float | None, spec: str) -> str:
