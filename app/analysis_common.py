@@ -42,20 +42,26 @@ def pick_runs(runs: list[dict], key: str, label: str = "Runs", max_default: int 
 
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """A copy whose list, tuple and dict cells are JSON text, so mixed object columns render in ``st.dataframe``."""
+    """A copy whose list, tuple and dict cells are JSON text, so mixed object columns render in ``st.dataframe``, and
+    whose missing values are blank (a column with one is shown as text)."""
 
     def cell(value: Any) -> Any:
         if isinstance(value, (list, tuple, dict)):
             return json.dumps(list(value) if isinstance(value, tuple) else value)
         return value
 
+    def missing(value: Any) -> bool:
+        return value is None or (isinstance(value, float) and np.isnan(value))
+
     out = table.copy()
     for column in out.columns:
         if out[column].dtype == object:
             out[column] = out[column].map(cell)
-            kinds = {type(v) for v in out[column] if v is not None and not (isinstance(v, float) and np.isnan(v))}
-            if len(kinds) > 1:
-                out[column] = out[column].map(lambda v: "" if v is None else str(v))
+            kinds = {type(v) for v in out[column] if not missing(v)}
+            if len(kinds) > 1 or out[column].map(missing).any():  # blank, never "None" or "nan"
+                out[column] = out[column].map(lambda v: "" if missing(v) else str(v))
+        elif out[column].dtype.kind == "f" and out[column].isna().any():
+            out[column] = out[column].map(lambda v: "" if missing(v) else f"{v:.6g}")
     return out
 
 

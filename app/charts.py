@@ -29,7 +29,12 @@ def metric_curves(metrics: pd.DataFrame, key: str, labels: dict[str, str] | None
                 name=(labels or {}).get(run_id, run_id), line=dict(color=METHOD_COLORS[i % len(METHOD_COLORS)]),
             )
         )  # fmt: skip
-    return _layout(fig, title or key, "step", key)
+    fig = _layout(fig, title or key, "step", key)
+    if not fig.data:  # no axis running from −1 to 4 around nothing
+        fig.update_xaxes(visible=False)
+        fig.update_yaxes(visible=False)
+        fig.add_annotation(text="nothing logged yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    return fig
 
 
 # --- analysis figures ---
@@ -353,13 +358,27 @@ def _rgba(hex_color: str, alpha: float) -> str:
 
 
 def learning_curve_bands(
-    curves: pd.DataFrame, *, log_y: bool = False, title: str = "Learning curves", y_title: str = "value"
+    curves: pd.DataFrame,
+    *,
+    log_y: bool = False,
+    title: str = "Learning curves",
+    y_title: str = "value",
+    band: str = "std",
 ) -> go.Figure:
-    """Mean ± std per group (``compare.learning_curves`` rows): a shaded band and a mean line per group."""
+    """Mean ± std per group (``compare.learning_curves`` rows): a shaded band and a mean line per group. With
+    ``band="ci"`` the band is the 95 % Student-t interval of the mean at each step (none where one run is present)."""
+    from scipy import stats
+
     fig = go.Figure()
     for i, (name, g) in enumerate(curves.groupby("group", sort=False)):
         color = _color(i)
-        upper, lower = g["mean"] + g["std"], g["mean"] - g["std"]
+        width = g["std"]
+        if band == "ci":
+            n = g["n"].to_numpy(float)
+            t = stats.t.ppf(0.975, np.maximum(n - 1, 1))
+            width = pd.Series(np.where(n > 1, t * g["std"].to_numpy(float) / np.sqrt(np.maximum(n, 1)), 0.0),
+                              index=g.index)  # fmt: skip
+        upper, lower = g["mean"] + width, g["mean"] - width
         fig.add_trace(
             go.Scatter(
                 x=np.concatenate([g["step"], g["step"][::-1]]),
@@ -369,7 +388,7 @@ def learning_curve_bands(
                 line=dict(width=0),
                 hoverinfo="skip",
                 showlegend=False,
-                name=f"{name} ± std",
+                name=f"{name} ± {'95 % CI' if band == 'ci' else 'std'}",
             )
         )
         fig.add_trace(
@@ -413,3 +432,44 @@ def resource_bars(
         )
     fig.update_layout(height=320, margin=dict(l=40, r=10, t=40, b=40), template="plotly_white")
     return fig
+
+
+# --- groups of runs (engine.analysis.groups) ---
+
+
+def add_baselines(fig: go.Figure, baselines: pd.DataFrame, *, vertical: bool = False) -> go.Figure:
+    """Dotted reference lines (``groups.baselines`` rows: majority class, linear probe) with their labels; on the
+    y axis, or on the x axis with ``vertical`` (a figure whose values run along x)."""
+    dash = {"majority class": "dot", "linear probe": "dash"}
+    several = baselines["dataset"].nunique() > 1 or baselines["model"].nunique() > 1 if len(baselines) else False
+    for _, b in baselines.iterrows():
+        label = f"{b['baseline']} {b['value']:.3f}" + (f" ({b['model']}, {b['dataset']})" if several else "")
+        line = dict(color="#555", dash=dash.get(b["baseline"], "dot"), width=1)
+        if vertical:
+            fig.add_vline(x=b["value"], line=line, annotation_text=label, annotation_position="top")
+        else:
+            fig.add_hline(y=b["value"], line=line, annotation_text=label, annotation_position="bottom right")
+    return fig
+
+
+def group_intervals_chart(
+    stats: pd.DataFrame, baselines: pd.DataFrame | None = None, *, metric: str = "eval_accuracy",
+    title: str = "Mean over seeds with 95 % CI",
+) -> go.Figure:  # fmt: skip
+    """One row per group (``groups.group_stats``): the mean as a dot, the 95 % t interval as error bars, the seeds'
+    count in the label; baselines as vertical reference lines."""
+    fig = go.Figure()
+    ordered = stats.sort_values("mean", na_position="first")
+    labels = [f"{g} (n={n})" for g, n in zip(ordered["group"], ordered["n"])]
+    low = (ordered["mean"] - ordered["ci_low"].astype(float)).fillna(0.0)
+    high = (ordered["ci_high"].astype(float) - ordered["mean"]).fillna(0.0)
+    fig.add_trace(
+        go.Scatter(
+            x=ordered["mean"], y=labels, mode="markers", name="mean", marker=dict(size=10, color=_color(0)),
+            error_x=dict(type="data", symmetric=False, array=high, arrayminus=low, visible=True),
+            hovertemplate="%{x:.4f}<extra>%{y}</extra>", showlegend=False,
+        )
+    )  # fmt: skip
+    if baselines is not None and len(baselines):
+        add_baselines(fig, baselines, vertical=True)
+    return _layout(fig, title, metric, "", height=max(260, 40 * len(ordered) + 140))

@@ -4,6 +4,8 @@ python -m app.cli run [--config] SPEC.yaml [--train.lr 3e-4 ...] [--json]   trai
 python -m app.cli submit [--config] SPEC.yaml [--method.rank 8 ...] [--seeds 0 1 2]   submit to Ray
     (the flags of run and submit are RunSpec's fields, generated in app/spec_args.py: run --help lists them)
 python -m app.cli ls | show ID | cancel ID | resume ID | logs ID | methods | models | datasets
+python -m app.cli summary [--json] | metrics ID [--json]   groups over seeds with 95 % CIs; a run's metric series
+python -m app.cli report (--experiment NAME | --runs ID ...) --out report.html   a self-contained HTML report
 python -m app.cli analyze ID --kind KIND [--json]   compute or reuse a stored analysis (kinds: analyze --help)
 python -m app.cli export ID --format FORMAT --out DIR [--json]  write an adapter or merged model (export --help)
 python -m app.cli import DIR [--name NAME]                                  record an exported adapter as a run
@@ -41,7 +43,7 @@ def _run_result(run: dict) -> dict:
         "trainable_params": run["trainable_params"],
         "total_params": run["total_params"],
         "timings": summary.get("timings", {}),
-        "artifacts": {a["kind"]: a["path"] for a in store.list_artifacts(run["id"])},
+        "artifacts": [{k: a[k] for k in ("kind", "path", "sha256", "bytes")} for a in store.list_artifacts(run["id"])],
     }
 
 
@@ -144,13 +146,52 @@ def cmd_logs(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from app.summary import summary_markdown, summary_table
+    from app.summary import paired_table, summary_markdown, summary_table
 
-    rows = summary_table(store.list_runs(experiment=args.experiment, limit=None))
+    runs = store.list_runs(experiment=args.experiment, limit=None)
+    rows, pairs = summary_table(runs, args.metric), paired_table(runs, args.metric)
     if args.json:
-        _print_json(rows)
+        _print_json(rows if not args.paired else {"groups": rows, "paired": pairs})
         return 0
-    print("\n".join(summary_markdown(rows)))
+    print("\n".join(summary_markdown(rows, pairs)))
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    """Every metric series of a run as ``{key: [[step, value], ...]}`` (JSON), or one line per key."""
+    if store.get_run(args.run_id) is None:
+        raise no_such_run(args.run_id)
+    frame = store.get_metrics([args.run_id])
+    series = {key: [[int(step), value] for step, value in zip(rows["step"], rows["value"])]
+              for key, rows in frame.groupby("key", sort=True)}  # fmt: skip
+    if args.json:
+        print(json.dumps(series, allow_nan=False, default=str) if _finite(series) else json.dumps(series))
+        return 0
+    for key, points in series.items():
+        last_step, last = points[-1]
+        print(f"{key:<24} {len(points):>5} points, last {last:.6g} at step {last_step}")
+    return 0
+
+
+def _finite(series: dict[str, list[list[float]]]) -> bool:
+    return all(v == v and abs(v) != float("inf") for points in series.values() for _, v in points)
+
+
+def cmd_report(args) -> int:
+    from app.report import write_report
+
+    if args.runs:
+        runs = [store.get_run(r) for r in args.runs]
+        missing = [r for r, run in zip(args.runs, runs) if run is None]
+        if missing:
+            raise no_such_run(missing[0])
+    else:
+        runs = store.list_runs(experiment=args.experiment, limit=None)
+        if not runs:
+            return _fail(f"--experiment {args.experiment}: no runs in that experiment; list them with "
+                         "python -m app.cli ls")  # fmt: skip
+    path = write_report([r for r in runs if r is not None], Path(args.out), title=args.title)
+    print(path)
     return 0
 
 
@@ -317,10 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     p.add_argument("--tail", type=int, default=100)
     p.set_defaults(func=cmd_logs)
-    p = sub.add_parser("summary", help="mean ± std over seeds per model, dataset and run name (markdown table)")
+    p = sub.add_parser("summary", help="n, mean, std and 95 % CI over seeds per configuration, paired differences")
     p.add_argument("--experiment", help="only runs of this experiment")
-    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    p.add_argument("--metric", default="eval_accuracy", help="final metric to summarise (default eval_accuracy)")
+    p.add_argument("--json", action="store_true", help="print the groups as one JSON list")
+    p.add_argument("--paired", action="store_true", help="with --json: {groups: [...], paired: [...]}")
     p.set_defaults(func=cmd_summary)
+    p = sub.add_parser("metrics", help="every metric series of a run")
+    p.add_argument("run_id")
+    p.add_argument("--json", action="store_true", help="print {key: [[step, value], ...]}")
+    p.set_defaults(func=cmd_metrics)
+    p = sub.add_parser("report", help="one self-contained HTML report of an experiment or of chosen runs")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--experiment", help="every run of this experiment")
+    which.add_argument("--runs", nargs="+", metavar="RUN_ID", help="these runs")
+    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("--title", default="PEFT Lab report")
+    p.set_defaults(func=cmd_report)
     sub.add_parser("methods", help="registered method names").set_defaults(func=cmd_methods)
     sub.add_parser("models", help="bundled model aliases").set_defaults(func=cmd_models)
     sub.add_parser("datasets", help="bundled datasets").set_defaults(func=cmd_datasets)

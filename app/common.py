@@ -12,14 +12,14 @@ from pydantic import BaseModel
 
 from db import schema, store
 
-STATUS_ICONS = {
-    "queued": "⏳",
-    "running": "🏃",
-    "succeeded": "✅",
-    "failed": "❌",
-    "cancelled": "⛔",
-    "stopped": "✂️",
-    "lost": "❓",
+STATUS_ICONS = {  # Streamlit's Material icons: they render without an emoji font
+    "queued": ":material/schedule:",
+    "running": ":material/play_circle:",
+    "succeeded": ":material/check_circle:",
+    "failed": ":material/error:",
+    "cancelled": ":material/block:",
+    "stopped": ":material/content_cut:",
+    "lost": ":material/help:",
 }
 
 

@@ -11,23 +11,23 @@ if str(ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-st.set_page_config(page_title="PEFT Lab", page_icon="🧪", layout="wide")
+st.set_page_config(page_title="PEFT Lab", page_icon=":material/science:", layout="wide")
 
 PAGES = {
     "Experiments": [
-        st.Page("views/launch.py", title="Launch", icon="🚀", default=True),
-        st.Page("views/runs.py", title="Runs", icon="📋"),
-        st.Page("views/study.py", title="Studies", icon="🔬"),
-        st.Page("views/run_detail.py", title="Run detail", icon="🔎"),
+        st.Page("views/launch.py", title="Launch", icon=":material/rocket_launch:", default=True),
+        st.Page("views/runs.py", title="Runs", icon=":material/table_rows:"),
+        st.Page("views/study.py", title="Studies", icon=":material/science:"),
+        st.Page("views/run_detail.py", title="Run detail", icon=":material/search:"),
     ],
 }
 ANALYSIS_PAGES = [
-    ("views/compare.py", "Compare", "⚖️"),
-    ("views/spectra.py", "Spectra", "📈"),
-    ("views/importance.py", "Importance", "🎯"),
-    ("views/landscape.py", "Landscape", "🏔️"),
-    ("views/export.py", "Export", "📦"),
-    ("views/merge.py", "Merge", "🧬"),
+    ("views/compare.py", "Compare", ":material/balance:"),
+    ("views/spectra.py", "Spectra", ":material/ssid_chart:"),
+    ("views/importance.py", "Importance", ":material/target:"),
+    ("views/landscape.py", "Landscape", ":material/landscape:"),
+    ("views/export.py", "Export", ":material/package_2:"),
+    ("views/merge.py", "Merge", ":material/merge:"),
 ]
 available = [st.Page(p, title=t, icon=i) for p, t, i in ANALYSIS_PAGES if (Path(__file__).parent / p).exists()]
 if available:

@@ -42,6 +42,7 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
                 "ms_per_step": timings.get("ms_per_step"),
                 "peak_rss_mb": timings.get("peak_rss_mb"),
                 "steps": summary.get("steps"),
+                "majority_rate": summary.get("majority_rate"),
                 "spec": r.get("spec") or {},
             }
         )
@@ -54,44 +55,73 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
 RUN_COLUMNS = [
     "run_id", "label", "name", "method", "model", "dataset", "experiment", "seed", "tags", "status",
     "eval_accuracy", "eval_loss", "trainable_params", "total_params", "stored_params", "stored_bytes", "ms_per_step",
-    "peak_rss_mb", "steps", "spec",
+    "peak_rss_mb", "steps", "spec", "majority_rate",
 ]  # fmt: skip
 NUMERIC_RUN_COLUMNS = [
     "eval_accuracy", "eval_loss", "trainable_params", "total_params", "stored_params", "stored_bytes", "ms_per_step",
-    "peak_rss_mb", "steps",
+    "peak_rss_mb", "steps", "majority_rate",
 ]  # fmt: skip
 
 
-def summary_table(runs: list[dict]) -> list[dict]:
-    """One row per (model, dataset, run name): mean ± std over its succeeded runs (seeds) of the final validation
-    accuracy, with trainable parameters, ms/step and peak memory."""
-    from engine.analysis.compare import method_summary
+def summary_table(runs: list[dict], metric: str = "eval_accuracy") -> list[dict]:
+    """One row per configuration (``engine.analysis.groups``: the full spec minus the seed) of the succeeded runs:
+    n, seeds, mean, std and 95 % t interval of the final ``metric``, with trainable parameters, ms/step and peak
+    memory. ``runs``, ``accuracy`` and ``accuracy_std`` repeat n, mean and std under their older names."""
+    from engine.analysis.groups import group_stats
 
     frame = runs_frame([r for r in runs if r["status"] == "succeeded"])
     if frame.empty:
         return []
-    frame["group"] = frame["model"] + " · " + frame["dataset"] + " · " + frame["name"]
-    stats = method_summary(frame, group="group")
-    first = frame.drop_duplicates("group").set_index("group")
     rows = []
-    for _, row in stats.iterrows():
-        meta = first.loc[row["group"]]
+    for row in map(_no_nan, group_stats(frame, metric).to_dict("records")):
         rows.append({
-            "model": meta["model"], "dataset": meta["dataset"], "name": meta["name"], "method": meta["method"],
-            "runs": int(row["eval_accuracy_count"]),
-            "accuracy": row["eval_accuracy_mean"], "accuracy_std": row["eval_accuracy_std"],
-            "trainable_params": int(row["trainable_params_mean"]),
-            "ms_per_step": row["ms_per_step_mean"], "peak_rss_mb": row["peak_rss_mb_mean"],
+            "group": row["group"], "group_key": row["group_key"], "model": row["model"], "dataset": row["dataset"],
+            "method": row["method"], "name": ", ".join(row["names"]), "metric": metric, "n": row["n"],
+            "seeds": row["seeds"], "mean": row["mean"], "std": row["std"], "ci_low": row["ci_low"],
+            "ci_high": row["ci_high"], "confidence": 0.95, "run_ids": row["run_ids"],
+            "runs": row["n"], "accuracy": row["mean"], "accuracy_std": row["std"] or 0.0,
+            "trainable_params": None if row["trainable_params"] is None else int(row["trainable_params"]),
+            "ms_per_step": row["ms_per_step"], "peak_rss_mb": row["peak_rss_mb"],
         })  # fmt: skip
     return rows
 
 
-def summary_markdown(rows: list[dict]) -> list[str]:
-    """The summary rows as the lines of a markdown table (the accuracy spread only where there are several seeds)."""
-    header = "| model | dataset | run | seeds | validation accuracy | trainable params | ms/step | peak RSS (MiB) |"
+def paired_table(runs: list[dict], metric: str = "eval_accuracy") -> list[dict]:
+    """The paired differences (``engine.analysis.groups.paired_differences``) between the configurations of the
+    succeeded runs that share a model, evaluation data and seeds."""
+    from engine.analysis.groups import paired_differences
+
+    frame = runs_frame([r for r in runs if r["status"] == "succeeded"])
+    if frame.empty:
+        return []
+    return [_no_nan(r) for r in paired_differences(frame, metric).to_dict("records")]
+
+
+def _no_nan(record: dict) -> dict:
+    """NaN (pandas' missing number) as None, so JSON stays valid and tables leave the cell blank."""
+    return {k: None if isinstance(v, float) and v != v else v for k, v in record.items()}
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "" if value is None or value != value else format(value, spec)
+
+
+def summary_markdown(rows: list[dict], pairs: list[dict] | None = None) -> list[str]:
+    """The summary rows as the lines of a markdown table (std and 95 % CI only where there are several seeds), then
+    the paired differences when given."""
+    header = ("| model | dataset | configuration | n | mean | std | 95 % CI | trainable params | ms/step | "
+              "peak RSS (MiB) |")  # fmt: skip
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in rows:
-        spread = f" ± {r['accuracy_std']:.3f}" if r["runs"] > 1 else ""
-        lines.append(f"| {r['model']} | {r['dataset']} | {r['name']} | {r['runs']} | {r['accuracy']:.3f}{spread} | "
-                     f"{r['trainable_params']:,} | {r['ms_per_step']:.0f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
+        ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r["ci_low"] is not None else ""
+        params = "" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
+        lines.append(f"| {r['model']} | {r['dataset']} | {r['group']} | {r['n']} | {r['mean']:.3f} | "
+                     f"{_number(r['std'], '.3f')} | {ci} | {params} | {_number(r['ms_per_step'], '.0f')} | "
+                     f"{_number(r['peak_rss_mb'], '.0f')} |")  # fmt: skip
+    if pairs:
+        lines += ["", "| a | b | common seeds | mean a − b | 95 % CI | p (paired t) |", "|---|---|---|---|---|---|"]
+        for p in pairs:
+            ci = f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]" if p["ci_low"] is not None else ""
+            lines.append(f"| {p['group_a']} | {p['group_b']} | {p['n']} | {p['mean']:+.3f} | {ci} | "
+                         f"{_number(p['p_value'], '.3f')} |")  # fmt: skip
     return lines

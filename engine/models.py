@@ -186,7 +186,17 @@ def minilm_path() -> str:
 def load_model(
     name: str, num_labels: int, *, options: dict[str, Any] | None = None, trust_remote_code: bool = False
 ) -> TaskModel:
-    """Build the TaskModel for ``name`` with a fresh ``num_labels``-way classification head."""
+    """Build the TaskModel for ``name`` with a fresh ``num_labels``-way classification head (the libraries' routine
+    load reports go to the run's log, ``engine.quiet``)."""
+    from engine.quiet import quiet_loading
+
+    with quiet_loading():
+        return _load_model(name, num_labels, options=options, trust_remote_code=trust_remote_code)
+
+
+def _load_model(
+    name: str, num_labels: int, *, options: dict[str, Any] | None = None, trust_remote_code: bool = False
+) -> TaskModel:
     from engine.backends import get_backend, list_backends
 
     options = dict(options or {})

@@ -138,8 +138,9 @@ class TrainSpec(_Strict):
                       "--seeds take several: one run per seed)")  # fmt: skip
     log_every: int = Field(10, ge=1, title="log every (steps)", json_schema_extra=_meta(advanced=True),
                            description="report the training loss every N steps")  # fmt: skip
-    evals_per_epoch: int = Field(1, ge=1, le=100, title="evaluations per epoch", json_schema_extra=_meta(advanced=True),
-                                 description="evaluate on the held-out split this many times per epoch")  # fmt: skip
+    evals_per_epoch: int = Field(4, ge=1, le=100, title="evaluations per epoch", json_schema_extra=_meta(advanced=True),
+                                 description="evaluate on the held-out split this many times per epoch (or per run, "
+                                 "when max steps ends it within its first epoch)")  # fmt: skip
     device: Device = Field("auto", title="device", json_schema_extra=_meta(advanced=True),
                            description="auto: a GPU when the run has one, else the CPU")  # fmt: skip
     num_threads: int | None = Field(None, ge=1, title="CPU threads (0: torch's default)",

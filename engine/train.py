@@ -33,10 +33,12 @@ from engine.lm_eval import causal_lm_loss, evaluate_lm, write_generations
 from engine.methods import Method, TrainContext, build_method
 from engine.metrics import compute as compute_metrics
 from engine.models import TaskModel, count_parameters, load_model
+from engine.quiet import library_log_to
 from engine.spec import RunSpec
 from engine.trajectory import Trajectory
 
 CHECKPOINT_FILE = "checkpoint.pt"
+PROGRESS_EVERY_S = 1.0  # progress is reported at least this often between logged steps
 
 
 class Reporter(Protocol):
@@ -298,14 +300,17 @@ def train(
     t_start = time.perf_counter()
 
     # --- setup ----------------------------------------------------------------------------------
-    prep = prepare(spec)
+    with library_log_to(reporter.log):  # routine library output while loading goes to the run's log
+        prep = prepare(spec)
     model, method, data, device, cfg = prep.model, prep.method, prep.data, prep.device, spec.train
     reporter.log(f"model {spec.model} on {device}; {len(data.train)} train / {len(data.eval)} eval examples")
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     warmup = int(cfg.warmup_ratio * total_steps)
-    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    # Several evaluations per epoch, or per run when max_steps ends it within its first epoch, so that a live
+    # accuracy curve has points from early on.
+    eval_every = max(1, min(steps_per_epoch, total_steps) // cfg.evals_per_epoch)
     trajectory = Trajectory.for_run(cfg, total_steps, out_dir)  # kept checkpoints for merging, if asked
     loss_fn = lambda batch: classification_loss(model, to_device(batch, device))[0]  # noqa: E731
     ctx = TrainContext(
@@ -355,7 +360,7 @@ def train(
         torch.cuda.reset_peak_memory_stats()
     step_time, eval_time = 0.0, 0.0
     model.train()
-    last_checkpoint = time.monotonic()
+    last_checkpoint = last_progress = time.monotonic()
 
     # --- loop -----------------------------------------------------------------------------------
     for epoch in range(start_epoch, epochs):
@@ -390,6 +395,10 @@ def train(
                                             "epoch": step / steps_per_epoch})  # fmt: skip
                 reporter.set_progress(step / total_steps)
                 running, running_n = 0.0, 0
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress >= PROGRESS_EVERY_S:  # progress (and the heartbeat) stay live
+                reporter.set_progress(step / total_steps)
+                last_progress = time.monotonic()
             if step % eval_every == 0 or step == total_steps:
                 t1 = time.perf_counter()
                 final = evaluate(model, data.eval, cfg.batch_size * 2, device)

@@ -158,8 +158,19 @@ def test_navigation_lists_the_analysis_pages(lab):
 def test_compare_pareto_curves_table_and_bars(lab):
     at = open_page("compare")
     figures = charts(at)
-    assert set(figures) == {"pareto", "curves_eval_accuracy", "curves_train_loss", "resources"}
-    assert {t["name"] for t in figures["pareto"]["data"]} == {"heat", "lora", "Pareto front"}
+    assert set(figures) == {"group_intervals", "pareto", "curves_eval_accuracy", "curves_train_loss", "resources"}
+    # Grouped by configuration: the two LoRA seeds are one group; HEAT on LoRA and HEAT on adapters are two.
+    groups = at.dataframe[0].value.set_index("configuration")
+    assert len(groups) == 3 and groups.loc["lora", "n"] == 2 and groups.loc["lora", "seeds"] == "0, 1"
+    finals = [store.get_run(lab.runs[f"lora-{s}"])["summary"]["final_metrics"]["eval_accuracy"] for s in (0, 1)]
+    assert groups.loc["lora", "accuracy: mean ± std [95 % CI]"].startswith(f"{np.mean(finals):.3f} ± ")
+    heat = sorted(g for g in groups.index if g.startswith("heat"))
+    assert heat == ["heat · adapter_dim=4 · base=adapter", "heat · adapter_dim=8 · base=lora"], heat
+    assert {t["name"] for t in figures["pareto"]["data"]} == {"lora", *heat, "Pareto front"}
+    assert at.dataframe[1].value["baseline"].tolist() == ["majority class"]
+    paired = at.dataframe[2].value  # LoRA and HEAT on LoRA share seeds 0 and 1
+    assert set(paired["n"]) <= {1, 2} and 2 in set(paired["n"])
+    assert any(b.label == "Download report" for b in at.get("download_button"))
     assert trace_types(figures["resources"]) == ["bar", "bar"]
 
     # Mean over the two LoRA seeds at the last step equals the mean of their final eval accuracies.
@@ -167,33 +178,33 @@ def test_compare_pareto_curves_table_and_bars(lab):
     finals = [store.get_run(r)["summary"]["final_metrics"]["eval_accuracy"] for r in lora_ids]
     mean_curve = trace(figures["curves_eval_accuracy"], "lora")
     assert _decode(mean_curve["y"])[-1] == pytest.approx(np.mean(finals))
-    assert figures["curves_eval_accuracy"]["data"][0]["fill"] == "toself"  # the ± std band
+    assert figures["curves_eval_accuracy"]["data"][0]["fill"] == "toself"  # the 95 % CI band
 
-    table = at.dataframe[0].value
+    table = at.dataframe[-1].value  # the runs table comes last
     assert sorted(table.index) == sorted(lab.runs.values())
     assert {"spec.method.name", "spec.train.seed", "spec.method.base"} <= set(table.columns)
     assert "spec.model" not in table.columns  # the same for every run: hidden by "differences only"
     assert any(b.label == "Download table (CSV)" for b in at.get("download_button"))
 
     at.toggle(key="diff_only").set_value(False)
-    assert "spec.model" in rerun(at).dataframe[0].value.columns
+    assert "spec.model" in rerun(at).dataframe[-1].value.columns
 
     at.multiselect(key="f_method").set_value(["lora"])
     rerun(at)
-    assert sorted(at.dataframe[0].value.index) == sorted(lora_ids)
+    assert sorted(at.dataframe[-1].value.index) == sorted(lora_ids)
     assert {t["name"] for t in charts(at)["pareto"]["data"]} == {"lora", "Pareto front"}
 
     at.multiselect(key="f_method").set_value([])
     at.multiselect(key="f_tags").set_value(["heads"])
     heads = [lab.runs[k] for k in ("heat-0", "heat-1", "heat-adapter")]
-    assert sorted(rerun(at).dataframe[0].value.index) == sorted(heads)
+    assert sorted(rerun(at).dataframe[-1].value.index) == sorted(heads)
 
     # A shared link opens with its filters and grouping (unknown values are dropped).
     linked = AppTest.from_file(str(APP / "views" / "compare.py"), default_timeout=120)
     linked.query_params.update({"method": "lora,no-such-method", "group": "name"})
     rerun(linked)
     assert linked.multiselect(key="f_method").value == ["lora"] and linked.selectbox(key="group").value == "name"
-    assert sorted(linked.dataframe[0].value.index) == sorted(lora_ids)
+    assert sorted(linked.dataframe[-1].value.index) == sorted(lora_ids)
 
 
 # --- spectra -------------------------------------------------------------------------------------------

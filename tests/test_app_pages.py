@@ -247,6 +247,29 @@ def test_launch_with_unparseable_seeds_shows_an_error_and_creates_no_run(offline
     assert store.list_runs(limit=None) == []
 
 
+def test_launch_fills_the_form_from_a_pasted_yaml_and_previews_every_run(offline_lab):
+    at = open_page("launch")
+    pasted = "model: tiny-bert\ndataset: {name: tweets-sentiment}\nmethod: {name: lora, rank: 64}"
+    at.text_area(key="yaml_text").set_value(pasted)
+    at.button(key="yaml_fill").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.number_input(key="method.lora.rank").value == 64  # the form starts from the YAML
+    assert by_label(at.selectbox, "Model").value == "tiny-bert"
+    # Two methods and two seeds: both methods' panels are open, and the preview shows all four runs.
+    at.multiselect(key="method.name").set_value(["lora", "neat"]).run()
+    by_label(at.text_input, "seeds").set_value("0, 1").run()
+    panels = [e for e in at.expander if e.label.startswith(("lora:", "neat:"))]
+    assert len(panels) == 2 and all(p.proto.expanded for p in panels)
+    preview = expander(at, "RunSpec YAML of the 4 run(s)")
+    shown = [parse_spec(yaml.safe_load(c.value)) for c in preview.code]
+    assert sorted((s.method.name, s.train.seed) for s in shown) == [("lora", 0), ("lora", 1), ("neat", 0), ("neat", 1)]
+    # A YAML that is not a RunSpec names the field and leaves the form as it was.
+    at.text_area(key="yaml_text").set_value("model: tiny-bert\ndataset: {name: tweets-sentiment}\ntrain: {lr: -1}")
+    at.button(key="yaml_fill").click().run()
+    assert any("train.lr" in e.value for e in at.error), [e.value for e in at.error]
+    assert at.number_input(key="method.lora.rank").value == 64
+
+
 def test_launch_seed_error_names_the_seeds_field(offline_lab):
     at = open_page("launch")
     fill_launch_form(at, seeds="x")
@@ -261,20 +284,23 @@ def test_runs_page_lists_every_status_with_errors_and_live_curves(offline_lab):
     at = open_page("runs")
 
     assert at.caption[0].value == (
-        "⏳ queued: 1 · 🏃 running: 1 · ✅ succeeded: 1 · ❌ failed: 1 · ⛔ cancelled: 1 · ❓ lost: 1"
+        ":material/schedule: queued: 1 · :material/play_circle: running: 1 · :material/check_circle: succeeded: 1 · "
+        ":material/error: failed: 1 · :material/block: cancelled: 1 · :material/help: lost: 1"
     )
     table = at.dataframe[0].value.set_index("run")
     assert set(table.index) == set(ids.values())
-    icons = {"queued": "⏳", "running": "🏃", "succeeded": "✅", "failed": "❌", "cancelled": "⛔", "lost": "❓"}
     for status, run_id in ids.items():
-        assert table.loc[run_id, "status"] == f"{icons[status]} {status}"
+        assert table.loc[run_id, "status"] == status
         assert table.loc[run_id, "detail"] == f"/run_detail?run={run_id}"
-    assert table.loc[ids["succeeded"], "eval accuracy"] == pytest.approx(0.75)
+    assert table.loc[ids["succeeded"], "eval accuracy"] == "0.7500"
+    assert table.loc[ids["running"], "eval accuracy"] == "0.4000"  # a running run shows its last evaluation
+    assert table.loc[ids["queued"], "eval accuracy"] == "" and table.loc[ids["queued"], "trainable params"] == ""
     assert table.loc[ids["succeeded"], "progress"] == 1.0 and table.loc[ids["running"], "progress"] == 0.5
-    assert table.loc[ids["succeeded"], "trainable params"] == 2147
+    assert table.loc[ids["succeeded"], "trainable params"] == "2,147"
+    assert list(at.dataframe[0].value.columns[:5]) == ["status", "name", "method", "eval accuracy", "progress"]
 
     # Only the failed run gets an error expander, and it shows the recorded error.
-    failed = [e for e in at.expander if e.label.startswith("❌")]
+    failed = [e for e in at.expander if e.proto.icon == ":material/error:"]
     assert len(failed) == 1 and ids["failed"] in failed[0].label
     assert failed[0].error[0].value == "dataset.name 'missing.csv' is not a bundled dataset"
     # Failed, lost and cancelled runs can be resumed; the others cannot.
@@ -308,7 +334,7 @@ def test_runs_page_cancel_button_stops_an_active_ray_run(ray_lab):
         wait_for(lambda: not store.get_metrics([long_run]).empty)  # the worker is training
         at = open_page("runs")
         table = at.dataframe[0].value.set_index("run")
-        assert table.loc[long_run, "status"] == "🏃 running"
+        assert table.loc[long_run, "status"] == "running"
         at.selectbox(key="cancel_target").set_value(long_run)
         at.button(key="cancel").click().run()
         assert not at.exception
@@ -320,7 +346,7 @@ def test_runs_page_cancel_button_stops_an_active_ray_run(ray_lab):
         assert str(wait_for(lambda: _terminal_ray_status(client, long_run), timeout=60)) == "STOPPED"
 
         at.run()
-        assert at.dataframe[0].value.set_index("run").loc[long_run, "status"] == "⛔ cancelled"
+        assert at.dataframe[0].value.set_index("run").loc[long_run, "status"] == "cancelled"
         assert not store.get_metrics([long_run]).empty  # what it logged before the cancel is kept
     finally:
         if store.get_run(long_run)["status"] not in FINAL:
@@ -337,7 +363,7 @@ def test_run_detail_shows_spec_metrics_curves_and_artifacts(offline_lab):
 
     assert at.selectbox(key="run").value == run_id
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["status"] == "✅ succeeded" and metrics["progress"] == "100%"
+    assert metrics["status"] == "succeeded" and metrics["progress"] == "100%"
     assert metrics["eval accuracy"] == "0.7500" and metrics["trainable / total"] == "2,147 / 100,000"
     assert not at.error
 
@@ -372,7 +398,7 @@ def test_run_detail_of_a_failed_run_shows_its_error_and_no_cancel(offline_lab):
     ids = seed_runs()
     at = open_page("run_detail", run=ids["failed"])
     assert at.selectbox(key="run").value == ids["failed"]
-    assert {m.label: m.value for m in at.metric}["status"] == "❌ failed"
+    assert {m.label: m.value for m in at.metric}["status"] == "failed"
     assert [e.value for e in at.error] == ["dataset.name 'missing.csv' is not a bundled dataset"]
     assert not [b for b in at.button if b.key == "cancel_detail"]
     assert expander(at, "Log (tail)").proto.expanded
@@ -385,7 +411,7 @@ def test_run_detail_offers_cancel_for_an_active_run(offline_lab):
     at.button(key="cancel_detail").click().run()  # no Ray in this home: the database still records the cancel
     assert not at.exception
     assert store.get_run(ids["running"])["status"] == "cancelled"
-    assert {m.label: m.value for m in at.metric}["status"] == "⛔ cancelled"
+    assert {m.label: m.value for m in at.metric}["status"] == "cancelled"
 
 
 def _terminal_ray_status(client, run_id: str):

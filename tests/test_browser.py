@@ -1,8 +1,9 @@
 """The dashboard in a real browser: ``streamlit run app/main.py`` as a subprocess, driven by headless Chromium.
 
-Launch a tiny run from the Launch form, watch it succeed on the Runs page, read it on the Run detail page, then open
-every page of the navigation: none shows a Streamlit exception, and each analysis page computes what it needs for
-that run and draws its chart. Full-page screenshots go to
+First open every page by its own address on the freshly started server (heading, navigation, wide layout), then
+launch a tiny run from the Launch form, watch it succeed on the Runs page (its key columns in view at 1280 px), read
+it on the Run detail page, then open every page of the navigation: none shows a Streamlit exception, and each analysis
+page computes what it needs for that run and draws its chart. Full-page screenshots go to
 ``tests/artifacts/browser_<page>.png``.
 """
 
@@ -191,11 +192,59 @@ def exercise_analysis_page(page, title: str) -> None:
     assert_no_exception(page, title)
 
 
+DEEP_LINKS = {  # every page, by the address a shared link or a bookmark gives: title of its main heading
+    "runs": "Runs", "study": "Studies", "run_detail": "Run detail", "compare?model=tiny-bert&group=method": "Compare",
+    "spectra?run=run-x": "Spectra", "importance": "Importance", "landscape": "Loss landscape", "export": "Export",
+    "launch": "Launch runs",
+}  # fmt: skip
+NAVIGATION = ["Experiments", "Launch", "Runs", "Studies", "Run detail", "Analyses", "Compare", "Spectra", "Importance",
+              "Landscape", "Export"]  # fmt: skip
+RUNS_KEY_COLUMNS = ["status", "name", "method", "eval accuracy", "progress"]
+
+
+def check_deep_links(page, app_url: str) -> None:
+    """Each page opened by its own address (the first one on the freshly started server, before anyone opened /):
+    its heading, the full navigation with its sections and Material icons, and the wide layout."""
+    from playwright.sync_api import expect
+
+    for path, title in DEEP_LINKS.items():
+        page.goto(f"{app_url}/{path}")
+        expect(main_title(page)).to_contain_text(title, timeout=90_000)
+        settle(page, timeout_s=90)
+        assert_no_exception(page, path)
+        nav = page.locator('[data-testid="stSidebarNav"]')
+        words = [w.strip() for w in nav.inner_text().splitlines() if w.strip()]
+        assert [w for w in words if w in NAVIGATION] == NAVIGATION, (path, words)
+        icons = nav.locator('[data-testid="stSidebarNavLink"] [data-testid="stIconMaterial"]')
+        expect(icons).to_have_count(9)  # no emoji that needs a font
+        width = page.locator('[data-testid="stMainBlockContainer"]').bounding_box()["width"]
+        assert width > 760, f"{path}: main block {width:.0f} px wide: not the wide layout"  # centred: 736 px
+
+
+def check_runs_table_at_1280(page, app_url: str) -> None:
+    """At 1280 px the Runs table shows its key columns without scrolling sideways. The grid renders only the
+    columns in view, so the accessible header cells it draws are the visible ones."""
+    from playwright.sync_api import expect
+
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.goto(f"{app_url}/runs")
+    headers = page.locator('[data-testid="stDataFrame"]').first.locator("th")
+    expect(headers.first).to_be_attached(timeout=90_000)
+    settle(page)
+    visible = [h.strip() for h in headers.all_inner_texts()]
+    assert visible[: len(RUNS_KEY_COLUMNS)] == RUNS_KEY_COLUMNS, visible
+    cells = page.locator('[data-testid="stDataFrame"]').first.locator("td").all_inner_texts()
+    assert not {"None", "nan", "NaN"} & {c.strip() for c in cells}, cells
+    page.set_viewport_size(VIEWPORT)
+
+
 # --- the test --------------------------------------------------------------------------------------
 
 
 def test_launch_watch_and_visit_every_page(app_url, page):
     from playwright.sync_api import expect
+
+    check_deep_links(page, app_url)
 
     # Launch: a tiny run from the form.
     page.goto(app_url)
@@ -223,14 +272,15 @@ def test_launch_watch_and_visit_every_page(app_url, page):
 
     # Runs: the live fragment shows the run finish, with its curves.
     open_from_navigation(page, page.locator('[data-testid="stSidebarNavLink"]', has_text="Runs").first)
-    expect(page.get_by_text("✅ succeeded: 1")).to_be_visible(timeout=RUN_TIMEOUT_MS)
+    expect(page.get_by_text("succeeded: 1")).to_be_visible(timeout=RUN_TIMEOUT_MS)
     expect(page.get_by_role("button", name="Cancel run")).to_have_count(0)  # the fragment redrew with no active run
     settle(page)
     assert_no_exception(page, "Runs")
-    expect(page.get_by_text("❌ failed")).to_have_count(0)  # the status line counts only statuses present
+    expect(page.get_by_text("failed: ")).to_have_count(0)  # the status line counts only statuses present
     expect(plotly_charts(page).filter(has_text="training loss")).to_have_count(1)
     expect(plotly_charts(page).filter(has_text="validation accuracy")).to_have_count(1)
     screenshot(page, "runs")
+    check_runs_table_at_1280(page, app_url)
 
     # Run detail of that run, opened by its URL as the table's "open" link does.
     page.goto(f"{app_url}/run_detail?run={run_id}")
@@ -250,7 +300,7 @@ def test_launch_watch_and_visit_every_page(app_url, page):
     titles = [re.sub(r"^\W+", "", t.strip().splitlines()[-1]).strip() for t in links.all_inner_texts()]
     assert titles[:4] == ["Launch", "Runs", "Studies", "Run detail"], titles
     for title in titles:
-        link = links.filter(has_text=re.compile(rf"^\W*{re.escape(title)}\s*$"))
+        link = links.filter(has=page.get_by_text(title, exact=True))  # its label, not the icon's name
         expect(link).to_have_count(1)
         open_from_navigation(page, link)
         assert_no_exception(page, title)

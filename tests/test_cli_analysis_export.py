@@ -247,4 +247,4 @@ def test_summary_groups_seeds_with_mean_and_std(lab_env, capsys):
 
     assert main(["summary"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "sum-lora" in x)
-    assert "| 2 | 0.600 ± 0.141 | 100 | 15 | 500 |" in line
+    assert "| 2 | 0.600 | 0.141 | [-0.671, 1.871] | 100 | 15 | 500 |" in line  # t(0.975, 1) = 12.706

@@ -213,7 +213,8 @@ def test_dashboard_killed_mid_run_the_run_succeeds_and_shows_after_restart(ray_l
                 page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
                 page.goto(f"{url}/run_detail?run={run_id}")
                 # The page shows this run as the database has it: succeeded.
-                expect(page.get_by_text("✅ succeeded").first).to_be_visible(timeout=120_000)
+                status = page.locator('[data-testid="stMetric"]').filter(has_text="status")
+                expect(status).to_contain_text("succeeded", timeout=120_000)
                 # Clone into Launch opens the form on this run's spec (Launch is the home page: "/?clone=ID").
                 page.get_by_role("link", name="Clone into Launch").click()
                 expect(page.get_by_text(f"Cloned from run {run_id}")).to_be_visible(timeout=60_000)

@@ -1,5 +1,7 @@
-"""Compare: filter runs, accuracy against trainable parameters with the Pareto front, learning curves as mean ± std
-over seeds, a table of the runs with their (differing) configs, time per step and peak memory."""
+"""Compare: filter runs, group them by configuration (the full spec minus the seed) with n, mean, std and the 95 %
+interval, paired differences on common seeds, majority-class and linear-probe baselines, accuracy against trainable
+parameters with the Pareto front, learning curves as mean ± 95 % CI, a table of the runs with their (differing)
+configs, time per step and peak memory, and the whole comparison as one HTML report."""
 
 from __future__ import annotations
 
@@ -20,14 +22,15 @@ from engine.analysis.compare import (
     pareto_front,
     pareto_mask,
 )
+from engine.analysis.groups import assign_groups, baselines, format_interval, group_stats, paired_differences
 from engine.metrics import DIRECTION, METRICS
 
-st.title("⚖️ Compare runs")
+st.title("Compare runs")
 runs = store.list_runs(limit=None)
 if not runs:
     st.info("No runs yet: launch some on the Launch page, then compare them here.")
     st.stop()
-frame = runs_frame(runs)
+frame = assign_groups(runs_frame(runs)).rename(columns={"group": "configuration"})
 
 
 def options(column: str) -> list:
@@ -75,14 +78,58 @@ chosen_ids = st.multiselect(
 if not chosen_ids:
     st.info("No run selected.")
     st.stop()
-GROUPS = ["method", "name", "model", "dataset", "experiment"]
+GROUPS = ["configuration", "method", "name", "model", "dataset", "experiment"]
 group = st.selectbox(
-    "Group by", GROUPS, index=GROUPS.index(from_url("group", GROUPS, ["method"])[0]), key="group",
-    help="curves and bars average the runs of each group (e.g. the seeds of one method)",
+    "Group by", GROUPS, index=GROUPS.index(from_url("group", GROUPS, ["configuration"])[0]), key="group",
+    help="curves and bars average the runs of each group; a configuration is the full spec minus the seed "
+    "(run names and experiments are labels)",
 )  # fmt: skip
 # Sorted by group, so every figure meets the groups in the same order and gives each the same colour.
 chosen = filtered[filtered["run_id"].isin(chosen_ids)].sort_values([group, "run_id"], kind="stable")
 group_order = {name: i for i, name in enumerate(dict.fromkeys(chosen[group]))}
+chosen_runs = [r for r in runs if r["id"] in set(chosen["run_id"])]
+
+
+def report_html() -> str:
+    """The comparison as one self-contained HTML file (built when the button is clicked)."""
+    from app.report import build_report
+
+    return build_report(chosen_runs, title="PEFT Lab comparison")
+
+
+st.download_button("Download report", report_html, file_name="peftlab-report.html", mime="text/html",
+                   icon=":material/download:", key="report",
+                   help="One HTML file with every table and figure below; opens offline")  # fmt: skip
+
+# --- configurations: n, mean, std, 95 % CI, paired differences, baselines ------------------------------
+st.subheader("Configurations (mean over seeds, 95 % CI)")
+done = chosen[chosen["status"] == "succeeded"].rename(columns={"configuration": "group"})
+base = baselines(done) if len(done) else pd.DataFrame(columns=["model", "dataset", "baseline", "value", "n"])
+if done.empty or done["eval_accuracy"].isna().all():
+    st.info("No succeeded run with a final accuracy among these yet: intervals appear once runs finish.")
+else:
+    stats = group_stats(done)
+    shown = pd.DataFrame({
+        "configuration": stats["group"], "method": stats["method"], "model": stats["model"],
+        "dataset": stats["dataset"], "n": stats["n"], "seeds": [", ".join(map(str, s)) for s in stats["seeds"]],
+        "accuracy: mean ± std [95 % CI]": [format_interval(r) for r in stats.to_dict("records")],
+        "trainable params": stats["trainable_params"],
+    })  # fmt: skip
+    st.dataframe(display_table(shown), hide_index=True, width="stretch", key="groups_table")
+    left, right = st.columns([3, 2])
+    left.plotly_chart(charts.group_intervals_chart(stats, base), key="group_intervals")
+    with right:
+        if len(base):
+            st.caption("Baselines (same model and evaluation data)")
+            st.dataframe(display_table(base.drop(columns=["eval_data"])), hide_index=True, key="baselines")
+        pairs = paired_differences(done)
+        if len(pairs):
+            st.caption("Paired differences on common seeds (a − b)")
+            st.dataframe(display_table(pd.DataFrame({
+                "a": pairs["group_a"], "b": pairs["group_b"], "n": pairs["n"],
+                "mean a − b": [format_interval(p, 4) for p in pairs.to_dict("records")],
+                "p (paired t)": pairs["p_value"].map(lambda p: "" if p is None or p != p else f"{p:.3f}"),
+            })), hide_index=True, key="paired")  # fmt: skip
 
 # --- a metric vs trainable parameters ------------------------------------------------------------------
 st.subheader("Metric vs trainable parameters")
@@ -100,11 +147,14 @@ else:
     log_x = st.checkbox("log-scale parameters", value=True, key="pareto_log")
     front = pareto_front(scored, y=metric)
     title = f"{metric} vs trainable parameters"
-    st.plotly_chart(charts.pareto_chart(scored, front, y=metric, color=group, log_x=log_x, title=title), key="pareto")
+    fig = charts.pareto_chart(scored, front, y=metric, color=group, log_x=log_x, title=title)
+    if metric == "eval_accuracy":  # the baselines are accuracies
+        fig = charts.add_baselines(fig, base)
+    st.plotly_chart(fig, key="pareto")
     st.caption(f"Pareto front: {', '.join(front['label'])}")
 
 # --- learning curves ---------------------------------------------------------------------------------
-st.subheader("Learning curves (mean ± std over the runs of each group)")
+st.subheader("Learning curves (mean ± 95 % CI over the runs of each group)")
 metrics = store.get_metrics(chosen["run_id"].tolist())
 keys = sorted(set(metrics["key"])) if not metrics.empty else []
 eval_keys = [k for k in keys if k.startswith("eval_")]
@@ -123,16 +173,18 @@ else:
             continue
         curves = learning_curves(metrics, chosen, key, group=group, smoothing=smoothing)
         curves = curves.sort_values("group", key=lambda g: g.map(group_order), kind="stable")
-        fig = charts.learning_curve_bands(curves, log_y=log_y, title=key, y_title=key)
+        fig = charts.learning_curve_bands(curves, log_y=log_y, title=key, y_title=key, band="ci")
+        if key == "eval_accuracy":
+            fig = charts.add_baselines(fig, base)
         column.plotly_chart(fig, key=f"curves_{key}")
 
 # --- table -------------------------------------------------------------------------------------------
 st.subheader("Runs")
 diff_only = st.toggle("Config: differences only", value=True, key="diff_only")
 chosen["pareto"] = pareto_mask(chosen, y=metric)
-summary_columns = ["run_id", "label", "method", "model", "dataset", "seed", "status", "eval_accuracy", "eval_loss",
-                    "trainable_params", "stored_params", "stored_bytes", "ms_per_step", "peak_rss_mb",
-                    "pareto"]  # fmt: skip
+summary_columns = ["run_id", "label", "configuration", "method", "model", "dataset", "seed", "status", "eval_accuracy",
+                   "eval_loss", "trainable_params", "stored_params", "stored_bytes", "ms_per_step", "peak_rss_mb",
+                   "pareto"]  # fmt: skip
 summary_columns += [metric] if metric not in summary_columns else []
 if diff_only:
     config = differences_only(chosen)

@@ -23,7 +23,7 @@ from engine.export import (
 )
 from jobs.analysis import AnalysisError, trained_run
 
-st.title("📦 Export")
+st.title("Export")
 runs = trained_runs()
 run_id = selected_run_id(runs, key="export_run")
 if run_id is None:

@@ -20,7 +20,7 @@ from app.common import selected_run_id
 from engine.analysis.importance import head_importance_table, sharing_table
 from jobs.analysis import AnalysisError, compute_analysis
 
-st.title("🎯 Importance")
+st.title("Importance")
 runs = trained_runs()
 run_id = selected_run_id(runs, key="importance_run")
 if run_id is None:

@@ -16,7 +16,7 @@ from jobs.analysis import LANDSCAPE_GRID_DEFAULTS, AnalysisError, LandscapeParam
 
 FINAL_JOB_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 
-st.title("🏔️ Loss landscape")
+st.title("Loss landscape")
 runs = trained_runs()
 run_id = selected_run_id(runs, key="landscape_run")
 if run_id is None:

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 import streamlit as st
+import yaml
 
 from app.common import cluster_status, config_form
 from app.spec_form import section_form, start_values
@@ -23,9 +24,9 @@ from engine import preflight
 from engine.data import READ_FIELDS, source_stamp
 from engine.errors import UserError
 from engine.methods import get_method
-from engine.spec import DatasetSpec, RunSpec, SpecError, parse_spec
+from engine.spec import DatasetSpec, RunSpec, SpecError, parse_spec, spec_fields
 
-st.title("🚀 Launch runs")
+st.title("Launch runs")
 ok, address = cluster_status()
 if not ok:
     st.warning(f"Ray is not reachable ({address}). Start the app with ./run_app.sh or set RAY_ADDRESS.")
@@ -35,7 +36,7 @@ if st.radio("Mode", ["Single runs", "Study"], horizontal=True, key="launch_mode"
     study_id = study_form(show_yaml=True)
     if study_id:
         st.success(f"Launched study {study_id}")
-        st.page_link("views/study.py", label="Follow it on the Studies page", icon="🔬")
+        st.page_link("views/study.py", label="Follow it on the Studies page", icon=":material/science:")
     st.stop()
 
 
@@ -52,7 +53,38 @@ def cloned_spec() -> dict[str, Any]:
     return run["spec"]
 
 
-clone = cloned_spec()
+def yaml_source() -> None:
+    """Paste or upload a RunSpec YAML: "Fill the form" validates it (the error names the field) and restarts every
+    field of the form from it."""
+    with st.expander("Paste or upload a RunSpec YAML to fill the form", icon=":material/upload_file:"):
+        uploaded = st.file_uploader("RunSpec YAML file", type=["yaml", "yml"], key="yaml_file")
+        example = "model: minilm-l6\ndataset: {name: tweets-sentiment}\nmethod: {name: lora}"
+        text = st.text_area("or paste it here", height=140, key="yaml_text", placeholder=example)
+        source = uploaded.getvalue().decode("utf-8", errors="replace") if uploaded is not None else text
+        if st.button("Fill the form", key="yaml_fill"):
+            if not source.strip():
+                st.error("RunSpec YAML: paste one above or upload a file first")
+                return
+            try:
+                spec = parse_spec(yaml.safe_load(source) or {})
+            except SpecError as err:
+                st.error(str(err))
+            except yaml.YAMLError as err:
+                where = getattr(err, "problem_mark", None)
+                line = f" (line {where.line + 1})" if where is not None else ""
+                st.error(f"RunSpec YAML{line}: not valid YAML; fix it and press Fill the form again")
+            else:
+                roots = {f.path.split(".")[0] for f in spec_fields()} | {"custom_model", "data_path"}
+                for key in [k for k in st.session_state if str(k).split(".")[0] in roots]:
+                    del st.session_state[key]  # every field starts again, from the YAML
+                st.session_state["yaml_spec"] = spec.model_dump(mode="json")
+                st.rerun()
+    if "yaml_spec" in st.session_state:
+        st.info("The form starts from the RunSpec YAML you gave; change any field below.")
+
+
+yaml_source()
+clone = st.session_state.get("yaml_spec") or cloned_spec()
 start = start_values(clone)
 start_method = clone.get("method", {})
 problems: list[str] = []
@@ -77,7 +109,7 @@ run_name = values.pop("name")
 method_params: dict[str, dict] = {}
 for name in chosen:
     cls = get_method(name)
-    with st.expander(f"{name}: {cls.summary}", expanded=len(chosen) == 1):
+    with st.expander(f"{name}: {cls.summary}", expanded=True):
         st.caption(cls.paper)
         initial = {k: v for k, v in start_method.items() if k != "name"} if name == start_method.get("name") else None
         method_params[name] = config_form(cls.config_cls, key_prefix=f"method.{name}", initial=initial)
@@ -183,11 +215,12 @@ if clicked and not problems:
             st.error(f"{spec.method.name}: submission failed: {err}")
     if launched:
         st.success(f"Launched {len(launched)} run(s): " + ", ".join(launched))
-        st.page_link("views/runs.py", label="Watch them on the Runs page", icon="📋")
+        st.page_link("views/runs.py", label="Watch them on the Runs page", icon=":material/table_rows:")
 
-with st.expander("RunSpec YAML of this form (one per method and seed)"):
+planned = [(spec, seed) for spec in specs for seed in seeds or [spec.train.seed]]
+with st.expander(f"RunSpec YAML of the {len(planned)} run(s) Launch will create (one per method and seed)"):
     if problems:
         st.caption("Fix the errors above; only the methods whose spec is valid are shown.")
-    for spec in specs:
-        for seed in seeds or [spec.train.seed]:
-            st.code(spec.with_seed(seed).to_yaml(), language="yaml")
+    for spec, seed in planned:
+        st.caption(f"{spec.name or spec.method.name} · seed {seed}")
+        st.code(spec.with_seed(seed).to_yaml(), language="yaml")

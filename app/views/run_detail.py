@@ -10,11 +10,11 @@ import yaml
 
 from app import charts
 from app.analysis_common import method_ranks
-from app.common import STATUS_ICONS, elapsed_s, format_duration, resume_button, selected_run_id
+from app.common import elapsed_s, format_duration, resume_button, selected_run_id
 from app.generations import show_generations
 from db import store
 
-st.title("🔎 Run detail")
+st.title("Run detail")
 runs = store.list_runs(limit=1000)
 run_id = selected_run_id(runs)
 if run_id is None:
@@ -43,10 +43,12 @@ def detail() -> None:
     run = store.get_run(run_id)
     summary = run["summary"] or {}
     c = st.columns(5)
-    c[0].metric("status", f"{STATUS_ICONS.get(run['status'], '')} {run['status']}")
+    c[0].metric("status", run["status"])
     c[1].metric("progress", f"{(run['progress'] or 0):.0%}")
     c[2].metric("elapsed", format_duration(elapsed_s(run)) or "-")
     acc = (summary.get("final_metrics") or {}).get("eval_accuracy")
+    if acc is None:  # a running run: its last evaluation so far
+        acc = store.latest_metrics([run_id])[run_id].get("eval_accuracy")
     c[3].metric(
         "eval accuracy",
         "-" if acc is None else f"{acc:.4f}",
@@ -61,7 +63,8 @@ def detail() -> None:
         cancel_run(run_id)
         st.rerun()
     resume_button(run, key="resume_detail")
-    st.page_link("views/launch.py", label="Clone into Launch", icon="🧬", query_params={"clone": run_id},
+    st.page_link("views/launch.py", label="Clone into Launch", icon=":material/content_copy:",
+                 query_params={"clone": run_id},
                  help="Open the Launch form pre-filled with this run's spec")  # fmt: skip
     if run["error"]:
         st.error(run["error"])

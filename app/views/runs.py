@@ -11,7 +11,7 @@ from db import store
 from db import studies as db_studies
 from engine.methods import method_names
 
-st.title("📋 Runs")
+st.title("Runs")
 
 c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
 status_filter = c1.multiselect("Status", list(STATUS_ICONS), default=[], key="status_filter")
@@ -26,23 +26,31 @@ limit = c4.number_input("Show at most", min_value=10, value=200, step=50)
 
 
 def runs_table(runs: list[dict]) -> pd.DataFrame:
+    """Status, name, method, accuracy and progress first (they stay in view on a narrow screen). The accuracy is the
+    final one, or a running run's last evaluation; missing values are blank, never None."""
+    live = store.latest_metrics([r["id"] for r in runs if final_accuracy(r) is None])
+    accuracy = [final_accuracy(r) if final_accuracy(r) is not None else live.get(r["id"], {}).get("eval_accuracy")
+                for r in runs]  # fmt: skip
     return pd.DataFrame(
         {
-            "status": [f"{STATUS_ICONS.get(r['status'], '')} {r['status']}" for r in runs],
-            "run": [r["id"] for r in runs],
-            "name": [r["name"] or "" for r in runs],
+            "status": [r["status"] for r in runs],
+            "name": [r["name"] or r["method"] for r in runs],
             "method": [r["method"] for r in runs],
+            "eval accuracy": ["" if a is None else f"{a:.4f}" for a in accuracy],
+            "progress": [float(r["progress"] or 0.0) for r in runs],
+            "detail": [f"/run_detail?run={r['id']}" for r in runs],
+            "elapsed": [format_duration(elapsed_s(r)) for r in runs],
+            "seed": [r["seed"] for r in runs],
             "model": [r["model"] for r in runs],
             "dataset": [r["dataset"] for r in runs],
-            "seed": [r["seed"] for r in runs],
+            "trainable params": ["" if r["trainable_params"] is None else f"{r['trainable_params']:,}" for r in runs],
             "attempt": [r["attempt"] for r in runs],
-            "progress": [float(r["progress"] or 0.0) for r in runs],
-            "elapsed": [format_duration(elapsed_s(r)) for r in runs],
-            "eval accuracy": [final_accuracy(r) for r in runs],
-            "trainable params": [r["trainable_params"] for r in runs],
-            "stored params": [(r.get("summary") or {}).get("stored_params") for r in runs],
-            "detail": [f"/run_detail?run={r['id']}" for r in runs],
-            "study": [f"/study?study={r['study_id']}" if r.get("study_id") else None for r in runs],
+            "stored params": [
+                "" if (r.get("summary") or {}).get("stored_params") is None else f"{r['summary']['stored_params']:,}"
+                for r in runs
+            ],
+            "run": [r["id"] for r in runs],
+            "study": [f"/study?study={r['study_id']}" if r.get("study_id") else "" for r in runs],
         }
     )
 
@@ -64,9 +72,18 @@ def live_runs() -> None:
         hide_index=True,
         width="stretch",
         column_config={
-            "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
-            "eval accuracy": st.column_config.NumberColumn(format="%.4f"),
-            "detail": st.column_config.LinkColumn("detail", display_text="open"),
+            "status": st.column_config.TextColumn("status", width=90),
+            "name": st.column_config.TextColumn("name", width=170),
+            "method": st.column_config.TextColumn("method", width=90),
+            "eval accuracy": st.column_config.TextColumn(
+                "eval accuracy", width=95, help="final, or the last evaluation of a running run"
+            ),
+            "progress": st.column_config.ProgressColumn(
+                "progress", min_value=0.0, max_value=1.0, format="percent", width=110
+            ),
+            "detail": st.column_config.LinkColumn("detail", display_text="open", width=60),
+            "elapsed": st.column_config.TextColumn("elapsed", width=70),
+            "seed": st.column_config.NumberColumn("seed", width=50),
             "study": st.column_config.LinkColumn("study", display_text=r"study=(.*)$"),
         },
         key="runs_table",
@@ -91,7 +108,7 @@ def live_runs() -> None:
 
     stopped = [r for r in runs if r["status"] in ("failed", "lost", "cancelled")][:5]
     for r in stopped:
-        with st.expander(f"{STATUS_ICONS[r['status']]} {run_label(r)}"):
+        with st.expander(run_label(r), icon=STATUS_ICONS[r["status"]]):
             from jobs.runs import job_logs
 
             st.error(r["error"] or "no error recorded")

@@ -14,7 +14,7 @@ from engine.analysis.spectra import SCALAR_COLUMNS
 from engine.artifacts import AdapterError
 from jobs.analysis import AnalysisError, SpectraParams, compute_analysis
 
-st.title("📈 Spectra of ΔW")
+st.title("Spectra of ΔW")
 runs = trained_runs()
 if not runs:
     st.info("No finished runs yet: spectra are computed from a trained adapter.")
@@ -39,6 +39,8 @@ if st.button(label, type="primary" if missing else "secondary", key="spectra_com
             except (AnalysisError, AdapterError) as err:
                 st.error(f"{short_label(by_id[run_id])}: {err}")
     stored = {run_id: stored_spectra(run_id) for run_id in selected}
+    if not [r for r, s in stored.items() if s is None]:
+        st.rerun()  # the button's label and the page now show what is stored
 
 spectra = {run_id: s for run_id, s in stored.items() if s is not None}
 if not spectra:

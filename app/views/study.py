@@ -8,12 +8,11 @@ import streamlit as st
 import yaml
 
 from app import study_view
-from app.common import STATUS_ICONS
 from app.study_form import study_form
 from db import store
 from db import studies as db_studies
 
-st.title("🔬 Studies")
+st.title("Studies")
 
 with st.expander("New study", expanded=not db_studies.list_studies(limit=1)):
     submitted = study_form()
@@ -80,7 +79,6 @@ def progress() -> None:
         col.plotly_chart(fig, key=f"sens_{fig.layout.title.text}")
     metrics = store.get_metrics([t["id"] for t in trials], keys=[metric])
     st.plotly_chart(study_view.eval_curves(metrics, trials, metric), key="curves")
-    table["status"] = [f"{STATUS_ICONS.get(s, '')} {s}" for s in table["status"]]
     st.dataframe(
         table, hide_index=True, width="stretch",
         column_config={
