@@ -315,5 +315,6 @@ def load_instructions(spec: Any, tokenizer: Any, raw: InstructionData) -> LMBund
         train=encode_split(raw, train_idx, tokenizer, spec.max_length),
         eval=encode_split(held_out if held_out is not None else raw, eval_idx, tokenizer, spec.max_length),
         label_names=list(raw.label_names),
+        task=raw.task,
         metric=spec.metric or ("eval_accuracy" if raw.choices is not None else "eval_loss"),
     )

@@ -304,6 +304,34 @@ def test_multiple_choice_jsonl_and_bad_lines(tmp_path):
         read_raw(DatasetSpec(name=str(bad)))
 
 
+def test_commonsense_multiple_choice_from_the_data_layer_trains_a_causal_lm(tmp_path):
+    """Multiple-choice data in a benchmark's own layout (ARC's ``{text, label}`` choices and letter answers, a
+    context column, a separate evaluation file) is read by engine.data and trained and scored by a causal LM."""
+    from engine.train import MemoryReporter, train
+    from tests.conftest import tiny_spec
+
+    def write(path, n):
+        rows = [{"ctx": f"Fact {i}.", "question": f"Is {i} even?", "answer": "A" if i % 2 == 0 else "B",
+                 "choices": {"text": ["yes", "no"], "label": ["A", "B"]}} for i in range(n)]  # fmt: skip
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+
+    write(tmp_path / "train.jsonl", 24)
+    write(tmp_path / "dev.jsonl", 6)
+    dataset = {"name": str(tmp_path / "train.jsonl"), "eval_split": str(tmp_path / "dev.jsonl"),
+               "task": "multiple_choice", "text_column": "question", "text_pair_column": "ctx",
+               "label_column": "answer", "max_length": 32}  # fmt: skip
+    spec = parse_spec(tiny_spec(model="tiny-llama", dataset=dataset, train={"max_steps": 2, "batch_size": 8}))
+    from engine.data import read_raw
+
+    raw = read_raw(spec.dataset)
+    assert raw.task == "multiple_choice" and raw.eval is not None and len(raw.eval) == 6
+    assert raw.prompts[1] == "Fact 1.\nIs 1 even?\nOptions: yes / no" and raw.responses[:2] == ["yes", "no"]
+    result = train(spec, MemoryReporter(), tmp_path / "run", resume=False)
+    assert result.status == "succeeded" and result.task == "multiple_choice"
+    assert result.headline_metric == "eval_accuracy" and 0.0 <= result.final_metrics["eval_accuracy"] <= 1.0
+    assert math.isclose(result.final_metrics["perplexity"], math.exp(result.final_metrics["eval_loss"]), rel_tol=1e-6)
+
+
 # --- GPU-only switches -------------------------------------------------------------------------------------
 
 

@@ -91,7 +91,7 @@ def test_parquet_regression_trains_a_one_output_head_with_mse(home):
     raw = read_raw(DatasetSpec(name=str(path), label_column="score"))
     assert raw.task == "regression" and raw.labels.dtype == np.float32 and raw.label_names == []
     dataset = {"name": str(path), "label_column": "score", "max_train": 128, "max_eval": 32}
-    result, reporter = _run(home, dataset=dataset, train={"epochs": 4, "lr": 0.01})
+    result, reporter = _run(home, dataset=dataset, train={"epochs": 4, "lr": 0.01, "evals_per_epoch": 1})
     assert result.task == "regression" and result.headline_metric == "eval_pearson"
     assert set(result.final_metrics) == {"eval_loss", "eval_mse", "eval_pearson", "eval_spearman"}
     assert result.final_metrics["eval_mse"] == pytest.approx(result.final_metrics["eval_loss"], rel=1e-4)

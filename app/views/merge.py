@@ -15,7 +15,7 @@ from engine.adapter_merge import MERGE_METHODS, MergeSettings
 from engine.errors import UserError
 from jobs.merge import preview, submit_merge
 
-st.title("🧬 Merge")
+st.title("Merge")
 st.caption(
     "One run merges its kept checkpoints (train with `train.keep_checkpoints`); several runs of one method and base "
     "model merge their final adapters. Low-rank layers merge by ΔW, re-factorised at the method's rank."

@@ -305,8 +305,11 @@ class LowBit(Method):
         return quantized_stored_size(self, model)
 
     def artifacts(self, model) -> dict[str, Any]:
-        """Stored bytes against the same adapter in float32 (the paper's storage comparison)."""
-        stored = self.stored_size(model)
+        """Stored bytes against the same adapter in float32 (the paper's storage comparison), and the scale of
+        each quantised weight (one per tensor: the step of its grid)."""
+        stored = self.stored_size(model)  # packs every weight: the scales below are the stored ones
         full = 4 * self.adapter_param_count(model)
+        names = {id(module): name for name, module in model.named_modules()}
+        scales = {names[id(module)]: float(q.scale) for module, q in quantizers(model)}
         return {"bits": self.config.bits, "stored_bytes": stored.bytes, "float32_bytes": full,
-                "compression": full / max(stored.bytes, 1)}  # fmt: skip
+                "compression": full / max(stored.bytes, 1), "scales": scales}  # fmt: skip
