@@ -27,4 +27,13 @@ def show_generations(arts: list[dict]) -> None:
     data = json.loads(Path(found["path"]).read_text())
     st.subheader("Generations: base vs adapted (greedy)")
     st.caption(f"The first evaluation prompts, up to {data.get('max_new_tokens', '?')} new tokens each.")
-    st.dataframe(generations_table(data), hide_index=True, width="stretch")
+    st.dataframe(
+        generations_table(data),
+        hide_index=True,
+        width="stretch",
+        column_config={  # the continuations side by side in view; the prompt's full text is in its cell's tooltip
+            "prompt": st.column_config.TextColumn("prompt", width=260),
+            "base": st.column_config.TextColumn("base", width="large"),
+            "adapted": st.column_config.TextColumn("adapted", width="large"),
+        },
+    )

@@ -195,7 +195,7 @@ def exercise_analysis_page(page, title: str) -> None:
 DEEP_LINKS = {  # every page, by the address a shared link or a bookmark gives: title of its main heading
     "runs": "Runs", "study": "Studies", "run_detail": "Run detail", "compare?model=tiny-bert&group=method": "Compare",
     "spectra?run=run-x": "Spectra", "importance": "Importance", "landscape": "Loss landscape", "export": "Export",
-    "launch": "Launch runs", "merge": "Merge",
+    "?clone=run-x": "Launch runs", "merge": "Merge",  # Launch is the home page
 }  # fmt: skip
 NAVIGATION = ["Experiments", "Launch", "Runs", "Studies", "Run detail", "Analyses", "Compare", "Spectra", "Importance",
               "Landscape", "Export", "Merge"]  # fmt: skip
@@ -212,6 +212,7 @@ def check_deep_links(page, app_url: str) -> None:
         expect(main_title(page)).to_contain_text(title, timeout=90_000)
         settle(page, timeout_s=90)
         assert_no_exception(page, path)
+        expect(page.get_by_text("Page not found")).to_have_count(0)  # the address names a page that exists
         nav = page.locator('[data-testid="stSidebarNav"]')
         words = [w.strip() for w in nav.inner_text().splitlines() if w.strip()]
         assert [w for w in words if w in NAVIGATION] == NAVIGATION, (path, words)

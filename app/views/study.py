@@ -60,7 +60,7 @@ def progress() -> None:
         shown = ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in best["params"].items())
         st.success(f"Best so far: {metric} {best['value']:.4f} ({mode}) · {shown}")
         b = st.columns(3)
-        b[0].link_button("Open best in Launch", f"/launch?clone={best['run_id']}")
+        b[0].link_button("Open best in Launch", f"/?clone={best['run_id']}")  # Launch is the home page
         b[1].link_button("Best trial's detail", f"/run_detail?run={best['run_id']}")
         run = store.get_run(best["run_id"]) or {}
         b[2].download_button("Save best as recipe", data=yaml.safe_dump(run.get("spec", {}), sort_keys=False),
