@@ -95,7 +95,7 @@ def run_causal_peft(s: Settings) -> list[Figure]:
 def run_causal_methods(s: Settings) -> list[Figure]:
     from bench.bench_causal import Workload, bench_causal_methods
 
-    work = Workload(1, 32, reps=s.count(2, 3), inner=1, warmup=1, clock=s.clock)
+    work = Workload(4, 64, reps=s.count(2, 3), inner=1, warmup=1, clock=s.clock)  # the batch of causal-peft
     return bench_causal_methods(s.device, work, s.methods)
 
 

@@ -69,8 +69,16 @@ def test_two_workers_killed_at_once_are_detected_retried_and_resumed(ray_lab):
                 detected[r] = time.monotonic() - killed
         assert time.monotonic() - killed < DETECT_S, f"not detected within {DETECT_S} s: {detected}"
         time.sleep(0.25)
-    shown = json.loads(cli("show", runs[0], "--json").stdout)
-    assert shown["attempt"] in (1, 2) and shown["status"] in ("lost", "queued", "running")
+    shown = json.loads(cli("show", runs[0], "--json").stdout)  # a state that is true now: the retry may be done
+    assert (
+        shown["attempt"] in (1, 2)
+        and shown["status"] in ("lost", "queued", "running")
+        or (
+            shown["attempt"],
+            shown["status"],
+        )
+        == (2, "succeeded")
+    )
 
     for r in runs:
         row = wait_for(lambda r=r: final(r), timeout=600)
