@@ -118,30 +118,29 @@ class LMBundle:
 # --- reading ---------------------------------------------------------------------------------------
 
 
-def is_instruction_source(spec: Any) -> bool:
-    """Whether ``dataset.name`` is instruction data (bundled, or a file with prompt/response or MC columns)."""
-    if spec.name in BUNDLED:
-        return True
+def _first_row(spec: Any) -> dict:
+    """The first row of ``dataset.name`` when it is a readable .csv/.jsonl file ({} otherwise)."""
     path = Path(spec.name)
     if not path.is_file() or path.suffix not in (".csv", ".jsonl", ".json"):
-        return False
+        return {}
     try:
-        first = _rows(path, limit=1)[0][1]
+        return _rows(path, limit=1)[0][1]
     except (LMDataError, IndexError):
-        return False
+        return {}
+
+
+def is_instruction_source(spec: Any) -> bool:
+    """Whether ``dataset.name`` is instruction data (bundled, or a file with prompt and response columns)."""
+    if spec.name in BUNDLED:
+        return True
+    first = _first_row(spec)
     return spec.prompt_column in first and spec.response_column in first
 
 
 def is_choice_file(spec: Any) -> bool:
     """Whether ``dataset.name`` is a .csv/.jsonl file whose rows are question, choices and answer."""
-    path = Path(spec.name)
-    if not path.is_file() or path.suffix not in (".csv", ".jsonl", ".json"):
-        return False
-    try:
-        first = _rows(path, limit=1)[0][1]
-    except (LMDataError, IndexError):
-        return False
-    return all(f in first for f in MC_FIELDS)
+    first = _first_row(spec)
+    return bool(first) and all(f in first for f in MC_FIELDS)
 
 
 def from_choices(raw: Any) -> InstructionData:
